@@ -1,0 +1,354 @@
+"""The client end of a session: tags, fids and calls, over one Channel.
+
+Many tasks may call at once: each request gets a tag, replies come back in any order and
+wake the task that waits for them. A call that is cancelled (or whose deadline passes)
+sends Tflush for its tag and frees the tag only when Rflush arrives, as 9P requires.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import nacl.signing
+import trio
+
+from . import messages as m
+from .errors import NineError, ProtocolError, collapse_groups
+from .keys import KnownNodes
+from .transport import Channel, ConnectionClosed, dial
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MSIZE = 2 << 20
+META_TIMEOUT = 10.0  # seconds for a metadata call
+DATA_TIMEOUT = 30.0  # seconds for a read or write of data
+FLUSH_TIMEOUT = 5.0
+MAX_TAGS = 4096
+
+
+class _Slot:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reply: m.Msg | None = None
+
+
+class Client:
+    """One connection to one node. Start ``run`` in a nursery (``connect`` does it)."""
+
+    def __init__(self, channel: Channel, user: str, *, msize: int = DEFAULT_MSIZE) -> None:
+        self.channel = channel
+        self.user = user
+        self.want_msize = msize
+        self.msize = 0
+        self.iounit = 0
+        self.root: int | None = None
+        self.closed = trio.Event()
+        self.reason = ""
+        self._pending: dict[int, _Slot] = {}
+        self._free_tags = list(range(MAX_TAGS - 1, -1, -1))
+        self._tags = trio.Semaphore(MAX_TAGS)
+        self._next_fid = 1
+        self._free_fids: list[int] = []
+
+    # -- the connection ----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Negotiate the version, report started, then read replies until the connection ends."""
+        try:
+            await self.channel.send(m.encode(m.Tversion(m.NOTAG, self.want_msize, m.VERSION)))
+            with trio.fail_after(META_TIMEOUT):
+                reply = m.decode(await self.channel.receive())
+            if not isinstance(reply, m.Rversion) or reply.version != m.VERSION:
+                raise ProtocolError(f"the node does not speak {m.VERSION}")
+            if not m.MIN_MSIZE <= reply.msize <= self.want_msize:
+                raise ProtocolError(f"bad msize {reply.msize}")
+            self.msize = reply.msize
+            self.iounit = self.msize - m.HEADER_ROOM
+            self.channel.set_limit(self.msize)
+        except BaseException as e:
+            self._close(f"version: {e}")
+            raise
+        task_status.started()
+        try:
+            while True:
+                msg = m.decode(await self.channel.receive())
+                slot = self._pending.get(msg.tag)
+                if slot is None or slot.event.is_set() or m.is_request(msg):
+                    raise ProtocolError(f"unexpected {type(msg).__name__} for tag {msg.tag}")
+                slot.reply = msg
+                slot.event.set()
+        except ConnectionClosed as e:
+            self._close(str(e))
+        except ProtocolError as e:
+            log.warning("%s: %s", self.channel.peer, e)
+            self._close(f"protocol error: {e}")
+        finally:
+            self._close("client closed")
+            with trio.CancelScope(shield=True):
+                await self.channel.aclose()
+
+    def _close(self, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.reason = reason
+        self.closed.set()
+        for slot in self._pending.values():
+            slot.event.set()  # reply None: the waiter raises EIO
+
+    def _lost(self) -> NineError:
+        return NineError("EIO", f"connection to {self.channel.peer} lost: {self.reason}")
+
+    async def aclose(self) -> None:
+        self._close("client closed")
+        await self.channel.aclose()
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def rpc(self, msg: m.Msg, timeout: float | None = META_TIMEOUT) -> m.Msg:
+        """Send a request and wait for its reply; Rerror raises NineError, a passed deadline
+        ETIMEDOUT, a lost connection EIO."""
+        if self.closed.is_set():
+            raise self._lost()
+        async with self._tags:
+            tag = self._free_tags.pop()
+            slot = self._pending[tag] = _Slot()
+            msg.tag = tag
+            flush = True
+            try:
+                try:
+                    await self.channel.send(m.encode(msg))
+                except ConnectionClosed as e:
+                    flush = False
+                    self._close(str(e))
+                    raise self._lost() from None
+                with trio.fail_after(math.inf if timeout is None else timeout):
+                    await slot.event.wait()
+                flush = False
+            except trio.TooSlowError:
+                raise NineError("ETIMEDOUT", f"{type(msg).__name__} to {self.channel.peer} timed out") from None
+            finally:
+                if flush and not self.closed.is_set():
+                    await self._flush(tag)
+                del self._pending[tag]
+                self._free_tags.append(tag)
+        reply = slot.reply
+        if reply is None:
+            raise self._lost()
+        if isinstance(reply, m.Rerror):
+            raise NineError(reply.ename, reply.message)
+        if reply.TYPE != msg.TYPE + 1:
+            self._close(f"bad reply {type(reply).__name__} to {type(msg).__name__}")
+            raise self._lost()
+        return reply
+
+    async def _flush(self, oldtag: int) -> None:
+        # Shielded: the caller is being cancelled, but the tag must not be reused until
+        # the node has answered Rflush (or the connection is given up).
+        with trio.CancelScope(shield=True):
+            if not self._free_tags:
+                self._close("no tag free to flush with")
+                return
+            tag = self._free_tags.pop()
+            slot = self._pending[tag] = _Slot()
+            try:
+                with trio.move_on_after(FLUSH_TIMEOUT) as scope:
+                    await self.channel.send(m.encode(m.Tflush(tag, oldtag)))
+                    await slot.event.wait()
+                if scope.cancelled_caught:
+                    self._close("flush not answered")
+            except ConnectionClosed as e:
+                self._close(str(e))
+            finally:
+                del self._pending[tag]
+                self._free_tags.append(tag)
+
+    def new_fid(self) -> int:
+        if self._free_fids:
+            return self._free_fids.pop()
+        self._next_fid += 1
+        return self._next_fid - 1
+
+    def _free_fid(self, fid: int) -> None:
+        self._free_fids.append(fid)
+
+    async def attach(self, aname: str = "") -> int:
+        fid = self.new_fid()
+        try:
+            await self.rpc(m.Tattach(0, fid, self.user, aname))
+        except BaseException:
+            self._free_fid(fid)
+            raise
+        self.root = fid
+        return fid
+
+    async def walk(self, fid: int, names: list[str] | tuple[str, ...] = ()) -> tuple[int, list[m.Qid]]:
+        """A new fid for ``names`` under ``fid`` (a clone if empty); ENOENT on a partial walk."""
+        newfid = self.new_fid()
+        qids: list[m.Qid] = []
+        names, src, made = list(names), fid, False
+        try:
+            while True:
+                part, names = names[: m.MAXWELEM], names[m.MAXWELEM :]
+                r = await self.rpc(m.Twalk(0, src, newfid, part))
+                if len(r.qids) < len(part):
+                    raise NineError("ENOENT", f"no {part[len(r.qids)]!r}")
+                made, src = True, newfid
+                qids.extend(r.qids)
+                if not names:
+                    return newfid, qids
+        except NineError as e:
+            # The node answered: newfid exists only if an earlier piece of the walk made it
+            # (or we cannot know, when the answer never came).
+            if made or e.ename == "ETIMEDOUT":
+                await self._clunk_quietly(newfid)
+            else:
+                self._free_fid(newfid)
+            raise
+        except BaseException:
+            await self._clunk_quietly(newfid)
+            raise
+
+    async def _clunk_quietly(self, fid: int) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIMEOUT):
+            try:
+                await self.clunk(fid)
+            except NineError:
+                pass
+
+    async def open(self, fid: int, mode: int) -> m.Ropen:
+        return await self.rpc(m.Topen(0, fid, mode))
+
+    async def create(self, fid: int, name: str, perm: int, mode: int) -> m.Rcreate:
+        return await self.rpc(m.Tcreate(0, fid, name, perm, mode))
+
+    async def read(self, fid: int, offset: int, count: int, timeout: float | None = DATA_TIMEOUT) -> bytes:
+        r = await self.rpc(m.Tread(0, fid, offset, min(count, self.iounit)), timeout)
+        return r.data
+
+    async def write(self, fid: int, offset: int, data: bytes, timeout: float | None = DATA_TIMEOUT) -> int:
+        """Write all of ``data`` in iounit pieces; returns the count the node took."""
+        done = 0
+        view = memoryview(data)
+        while True:
+            part = view[done : done + self.iounit]
+            r = await self.rpc(m.Twrite(0, fid, offset + done, part), timeout)
+            done += r.count
+            if done >= len(data) or r.count == 0:
+                return done
+
+    async def clunk(self, fid: int) -> None:
+        try:
+            await self.rpc(m.Tclunk(0, fid))
+        finally:
+            self._free_fid(fid)  # a clunked fid is gone even when the clunk failed
+
+    async def remove(self, fid: int) -> None:
+        try:
+            await self.rpc(m.Tremove(0, fid))
+        finally:
+            self._free_fid(fid)
+
+    async def stat(self, fid: int) -> m.Stat:
+        return (await self.rpc(m.Tstat(0, fid))).stat
+
+    async def wstat(self, fid: int, **changes: int) -> None:
+        await self.rpc(m.Twstat(0, fid, changes))
+
+    async def readdir(self, fid: int, offset: int, count: int = 1024) -> list[m.Stat]:
+        return (await self.rpc(m.Treaddir(0, fid, offset, count))).entries
+
+    async def rename(self, fid: int, newdirfid: int, newname: str) -> None:
+        await self.rpc(m.Trename(0, fid, newdirfid, newname))
+
+    async def fsync(self, fid: int) -> None:
+        await self.rpc(m.Tfsync(0, fid), DATA_TIMEOUT)
+
+    async def statfs(self, fid: int) -> m.StatFs:
+        return (await self.rpc(m.Tstatfs(0, fid))).statfs
+
+    async def symlink(self, fid: int, name: str, target: str) -> m.Qid:
+        return (await self.rpc(m.Tsymlink(0, fid, name, target))).qid
+
+    async def readlink(self, fid: int) -> str:
+        return (await self.rpc(m.Treadlink(0, fid))).target
+
+    async def ping(self, timeout: float = META_TIMEOUT) -> None:
+        await self.rpc(m.Tping(0), timeout)
+
+    # -- whole-path helpers, for the CLI, tests and scripts ------------------------------
+
+    async def _root(self) -> int:
+        return self.root if self.root is not None else await self.attach()
+
+    async def walk_path(self, path: str) -> int:
+        return (await self.walk(await self._root(), split_path(path)))[0]
+
+    async def read_file(self, path: str, timeout: float | None = DATA_TIMEOUT) -> bytes:
+        fid = await self.walk_path(path)
+        try:
+            await self.open(fid, m.OREAD)
+            chunks, offset = [], 0
+            while data := await self.read(fid, offset, self.iounit, timeout):
+                chunks.append(data)
+                offset += len(data)
+            return b"".join(chunks)
+        finally:
+            await self._clunk_quietly(fid)
+
+    async def write_file(self, path: str, data: bytes, *, truncate: bool = True) -> int:
+        fid = await self.walk_path(path)
+        try:
+            await self.open(fid, m.OWRITE | (m.OTRUNC if truncate else 0))
+            return await self.write(fid, 0, data)
+        finally:
+            await self._clunk_quietly(fid)
+
+    async def list_dir(self, path: str) -> list[m.Stat]:
+        fid = await self.walk_path(path)
+        try:
+            await self.open(fid, m.OREAD)
+            out: list[m.Stat] = []
+            while batch := await self.readdir(fid, len(out)):
+                out.extend(batch)
+            return out
+        finally:
+            await self._clunk_quietly(fid)
+
+    async def stat_path(self, path: str) -> m.Stat:
+        fid = await self.walk_path(path)
+        try:
+            return await self.stat(fid)
+        finally:
+            await self._clunk_quietly(fid)
+
+
+def split_path(path: str) -> list[str]:
+    return [p for p in path.split("/") if p and p != "."]
+
+
+@asynccontextmanager
+async def connect(
+    addr: str,
+    identity: nacl.signing.SigningKey,
+    user: str,
+    known: KnownNodes | None,
+    *,
+    msize: int = DEFAULT_MSIZE,
+) -> AsyncIterator[Client]:
+    """A connected, version-negotiated, attached Client, closed on exit."""
+    channel = await dial(addr, identity, user, known)
+    with collapse_groups():
+        async with trio.open_nursery() as nursery:
+            client = Client(channel, user, msize=msize)
+            try:
+                await nursery.start(client.run)
+                await client.attach()
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()

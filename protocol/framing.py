@@ -1,0 +1,59 @@
+"""Framing (sans-I/O): a frame is a 4-byte big-endian length, then that many bytes of body.
+
+The length is checked against the limit before any of the body is buffered, so a peer that
+announces 4 GiB costs us four bytes, not four gigabytes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .errors import ProtocolError
+
+_LEN = struct.Struct(">I")
+LEN_SIZE = _LEN.size
+
+
+def frame(body: bytes | bytearray | memoryview) -> bytes:
+    """One frame for ``body``."""
+    return _LEN.pack(len(body)) + body
+
+
+def frame_header(length: int) -> bytes:
+    return _LEN.pack(length)
+
+
+class FrameReader:
+    """Splits a byte stream into frame bodies, refusing any longer than ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def needed(self) -> int:
+        """How many more bytes the next frame needs (at least 1 if it is incomplete)."""
+        if len(self._buf) < LEN_SIZE:
+            return LEN_SIZE - len(self._buf)
+        (length,) = _LEN.unpack_from(self._buf)
+        return max(0, LEN_SIZE + length - len(self._buf))
+
+    def next_frame(self) -> bytes | None:
+        """The next complete frame body, or None if more bytes are needed."""
+        if len(self._buf) < LEN_SIZE:
+            return None
+        (length,) = _LEN.unpack_from(self._buf)
+        if length > self.limit:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.limit}")
+        end = LEN_SIZE + length
+        if len(self._buf) < end:
+            return None
+        body = bytes(self._buf[LEN_SIZE:end])
+        del self._buf[:end]
+        return body
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)

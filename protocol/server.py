@@ -1,0 +1,389 @@
+"""The server end of a session: version, the fid table, and dispatch to a Tree.
+
+As in lib9p's srv.c, each request type has one handler; the handlers check the fids and
+modes and call the tree. Requests run concurrently (each in its own task, up to
+``max_inflight``), replies go out in whatever order they finish, and Tflush cancels the
+request it names and is answered only after that request has finished.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from . import messages as m
+from .errors import NineError, ProtocolError, collapse_groups
+from .fs import File, Handle, Principal, Tree
+from .transport import Channel, ConnectionClosed
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MSIZE = 2 << 20
+
+
+@dataclass
+class Fid:
+    file: File
+    handle: Handle | None = None
+    mode: int = 0
+    listing: list[m.Stat] | None = None
+    inflight: int = 0
+    clunked: bool = False
+    closed: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
+class _Request:
+    scope: trio.CancelScope
+    done: trio.Event
+    flushed: bool = False
+
+
+def _check_name(name: str) -> None:
+    if name in (".", ".."):
+        raise NineError("EINVAL", f"bad name {name!r}")
+
+
+class Session:
+    """One connection's session: what one client sees of one tree."""
+
+    def __init__(
+        self,
+        tree: Tree,
+        principal: Principal,
+        *,
+        msize: int = DEFAULT_MSIZE,
+        max_fids: int = 4096,
+        max_inflight: int = 256,
+    ) -> None:
+        self.tree = tree
+        self.principal = principal
+        self.max_msize = msize
+        self.msize = 0
+        self.max_fids = max_fids
+        self.fids: dict[int, Fid] = {}
+        self.requests: dict[int, _Request] = {}
+        self._slots = trio.Semaphore(max_inflight)
+        self._handlers: dict[type, Callable[[m.Msg], Awaitable[m.Msg]]] = {
+            m.Tattach: self.attach, m.Twalk: self.walk, m.Topen: self.open,
+            m.Tcreate: self.create, m.Tread: self.read, m.Twrite: self.write,
+            m.Tclunk: self.clunk, m.Tremove: self.remove, m.Tstat: self.stat,
+            m.Twstat: self.wstat, m.Treaddir: self.readdir, m.Trename: self.rename,
+            m.Tfsync: self.fsync, m.Tstatfs: self.statfs, m.Tsymlink: self.symlink,
+            m.Treadlink: self.readlink, m.Tping: self.ping,
+        }  # fmt: skip
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def serve(self, ch: Channel) -> None:
+        """Serve until the peer goes away or breaks the protocol; always cleans up fids."""
+        self.channel = ch
+        try:
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    try:
+                        await self._read_loop(ch, nursery)
+                    finally:
+                        nursery.cancel_scope.cancel()
+        except ProtocolError as e:
+            log.warning("%s: closing: %s", ch.peer, e)
+        except ConnectionClosed:
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._clunk_all()
+                await ch.aclose()
+
+    async def _read_loop(self, ch: Channel, nursery: trio.Nursery) -> None:
+        while True:
+            msg = m.decode(await ch.receive())
+            if not m.is_request(msg):
+                raise ProtocolError(f"{type(msg).__name__} is not a request")
+            if isinstance(msg, m.Tversion):
+                await self._version(msg)
+                continue
+            if not self.msize:
+                raise ProtocolError("the first message must be Tversion")
+            if isinstance(msg, m.Tflush):
+                nursery.start_soon(self._flush, msg)
+                continue
+            if msg.tag in self.requests or msg.tag == m.NOTAG:
+                raise ProtocolError(f"tag {msg.tag} is already in use")
+            await self._slots.acquire()  # backpressure: stop reading when too much is in flight
+            req = _Request(trio.CancelScope(), trio.Event())
+            self.requests[msg.tag] = req
+            nursery.start_soon(self._run, msg, req)
+
+    async def _run(self, msg: m.Msg, req: _Request) -> None:
+        try:
+            reply: m.Msg | None = None
+            try:
+                with req.scope:
+                    reply = await self._handlers[type(msg)](msg)
+            except NineError as e:
+                reply = m.Rerror(msg.tag, e.ename, e.message[: m.MAXSTR])
+            except OSError as e:
+                name = errno.errorcode.get(e.errno or 0, "EIO")
+                reply = m.Rerror(msg.tag, name, (e.strerror or name)[: m.MAXSTR])
+            except Exception:
+                log.exception("%s: %s failed", self.channel.peer, type(msg).__name__)
+                reply = m.Rerror(msg.tag, "EIO", "internal server error")
+            finally:
+                self._slots.release()
+            if reply is not None:  # None: a Tflush cancelled it, and 9P sends no reply then
+                await self._send(reply)
+        finally:
+            del self.requests[msg.tag]
+            req.done.set()
+
+    async def _send(self, reply: m.Msg) -> None:
+        try:
+            await self.channel.send(m.encode(reply))
+        except ConnectionClosed:
+            pass  # the read loop sees it too and ends the session
+
+    async def _version(self, msg: m.Tversion) -> None:
+        if self.requests:
+            raise ProtocolError("Tversion with requests in flight")
+        await self._clunk_all()
+        if msg.version != m.VERSION or msg.msize < m.MIN_MSIZE:
+            self.msize = 0
+            await self._send(m.Rversion(msg.tag, min(msg.msize, self.max_msize), "unknown"))
+            return
+        self.msize = min(msg.msize, self.max_msize)
+        self.channel.set_limit(self.msize)
+        await self._send(m.Rversion(msg.tag, self.msize, m.VERSION))
+
+    async def _flush(self, msg: m.Tflush) -> None:
+        # 9P: Rflush is never an error; if the old request is still running, cancel it and
+        # answer only once it has finished, so its tag is free when the client sees Rflush.
+        req = self.requests.get(msg.oldtag)
+        if req is not None and msg.oldtag != msg.tag:
+            req.flushed = True
+            req.scope.cancel()
+            await req.done.wait()
+        await self._send(m.Rflush(msg.tag))
+
+    # -- fids --------------------------------------------------------------------------
+
+    def _fid(self, n: int) -> Fid:
+        f = self.fids.get(n)
+        if f is None:
+            raise NineError("EBADF", f"unknown fid {n}")
+        return f
+
+    def _new_fid(self, n: int, file: File) -> Fid:
+        if n in self.fids:
+            raise NineError("EBADF", f"fid {n} is in use")
+        if n == m.NOFID:
+            raise NineError("EBADF", "NOFID is not a fid")
+        if len(self.fids) >= self.max_fids:
+            raise NineError("EMFILE", f"too many fids (limit {self.max_fids})")
+        f = self.fids[n] = Fid(file)
+        return f
+
+    def _opened(self, n: int) -> Fid:
+        f = self._fid(n)
+        if f.handle is None:
+            raise NineError("EBADF", f"fid {n} is not open")
+        return f
+
+    async def _release(self, f: Fid) -> None:
+        if f.clunked and f.inflight == 0 and not f.closed.is_set():
+            f.closed.set()
+            if f.handle is not None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await f.handle.close()
+                    except Exception:
+                        log.exception("closing a handle failed")
+
+    async def _clunk_all(self) -> None:
+        fids, self.fids = self.fids, {}
+        for f in fids.values():
+            f.clunked = True
+            await self._release(f)
+
+    async def _with_handle(self, n: int, op: Callable[[Fid], Awaitable[m.Msg]]) -> m.Msg:
+        """Run ``op`` on an open fid, keeping a clunk from closing the handle under it."""
+        f = self._opened(n)
+        f.inflight += 1
+        try:
+            return await op(f)
+        finally:
+            f.inflight -= 1
+            await self._release(f)
+
+    def _check_write(self) -> None:
+        if self.principal.read_only:
+            raise NineError("EROFS", "this key may only read")
+
+    # -- handlers ----------------------------------------------------------------------
+
+    async def ping(self, msg: m.Tping) -> m.Msg:
+        return m.Rping(msg.tag)
+
+    async def attach(self, msg: m.Tattach) -> m.Msg:
+        # One identity per connection: the name must be the one the handshake proved.
+        if msg.uname != self.principal.user:
+            raise NineError("EACCES", f"this connection is {self.principal.user!r}")
+        if msg.fid in self.fids:
+            raise NineError("EBADF", f"fid {msg.fid} is in use")
+        root = await self.tree.attach(self.principal, msg.aname)
+        self._new_fid(msg.fid, root)
+        return m.Rattach(msg.tag, root.qid)
+
+    async def walk(self, msg: m.Twalk) -> m.Msg:
+        f = self._fid(msg.fid)
+        if f.handle is not None:
+            raise NineError("EBADF", "cannot walk an open fid")
+        if msg.newfid != msg.fid and msg.newfid in self.fids:
+            raise NineError("EBADF", f"fid {msg.newfid} is in use")
+        file, qids = f.file, []
+        for i, name in enumerate(msg.names):
+            try:
+                file = await file.walk(name)
+            except NineError:
+                if i == 0:
+                    raise
+                return m.Rwalk(msg.tag, qids)  # a partial walk: newfid is not made
+            qids.append(file.qid)
+        if msg.newfid == msg.fid:
+            if self.fids.get(msg.fid) is not f:
+                raise NineError("EBADF", f"fid {msg.fid} was clunked during the walk")
+            f.file = file
+        else:
+            self._new_fid(msg.newfid, file)
+        return m.Rwalk(msg.tag, qids)
+
+    def _open_mode_check(self, mode: int) -> None:
+        if (mode & 3) in (m.OWRITE, m.ORDWR) or mode & (m.OTRUNC | m.ORCLOSE):
+            self._check_write()
+
+    async def open(self, msg: m.Topen) -> m.Msg:
+        f = self._fid(msg.fid)
+        if f.handle is not None:
+            raise NineError("EBADF", "fid is already open")
+        self._open_mode_check(msg.mode)
+        h = await f.file.open(msg.mode)
+        if self.fids.get(msg.fid) is not f or f.handle is not None:
+            await h.close()
+            raise NineError("EBADF", "fid changed while opening")
+        f.handle, f.mode = h, msg.mode
+        return m.Ropen(msg.tag, f.file.qid, self._iounit(h), h.flags)
+
+    def _iounit(self, h: Handle) -> int:
+        limit = self.msize - m.HEADER_ROOM
+        return min(h.iounit, limit) if h.iounit else limit
+
+    async def create(self, msg: m.Tcreate) -> m.Msg:
+        f = self._fid(msg.fid)
+        if f.handle is not None:
+            raise NineError("EBADF", "fid is already open")
+        self._check_write()
+        _check_name(msg.name)
+        file, h = await f.file.create(msg.name, msg.perm, msg.mode)
+        if self.fids.get(msg.fid) is not f or f.handle is not None:
+            await h.close()
+            raise NineError("EBADF", "fid changed while creating")
+        f.file, f.handle, f.mode = file, h, msg.mode
+        return m.Rcreate(msg.tag, file.qid, self._iounit(h), h.flags)
+
+    async def read(self, msg: m.Tread) -> m.Msg:
+        count = min(msg.count, self.msize - m.HEADER_ROOM)
+
+        async def op(f: Fid) -> m.Msg:
+            if (f.mode & 3) == m.OWRITE:
+                raise NineError("EBADF", "not open for reading")
+            data = await f.handle.read(msg.offset, count)
+            return m.Rread(msg.tag, data[:count])
+
+        return await self._with_handle(msg.fid, op)
+
+    async def write(self, msg: m.Twrite) -> m.Msg:
+        async def op(f: Fid) -> m.Msg:
+            if (f.mode & 3) not in (m.OWRITE, m.ORDWR):
+                raise NineError("EBADF", "not open for writing")
+            return m.Rwrite(msg.tag, await f.handle.write(msg.offset, msg.data))
+
+        return await self._with_handle(msg.fid, op)
+
+    async def readdir(self, msg: m.Treaddir) -> m.Msg:
+        async def op(f: Fid) -> m.Msg:
+            entries = await f.handle.readdir(msg.offset, max(1, min(msg.count, m.MAXENTRIES)))
+            # keep the reply inside msize: about 100 bytes an entry, plus the names
+            out, size = [], 32
+            for e in entries:
+                size += 96 + len(e.name.encode()) + len(e.uid) + len(e.gid)
+                if size > self.msize and out:
+                    break
+                out.append(e)
+            return m.Rreaddir(msg.tag, out)
+
+        return await self._with_handle(msg.fid, op)
+
+    async def fsync(self, msg: m.Tfsync) -> m.Msg:
+        async def op(f: Fid) -> m.Msg:
+            await f.handle.fsync()
+            return m.Rfsync(msg.tag)
+
+        return await self._with_handle(msg.fid, op)
+
+    async def clunk(self, msg: m.Tclunk) -> m.Msg:
+        f = self.fids.pop(msg.fid, None)
+        if f is None:
+            raise NineError("EBADF", f"unknown fid {msg.fid}")
+        f.clunked = True
+        await self._release(f)
+        if f.handle is not None and f.mode & m.ORCLOSE:
+            try:
+                await f.file.remove()
+            except NineError:
+                pass
+        return m.Rclunk(msg.tag)
+
+    async def remove(self, msg: m.Tremove) -> m.Msg:
+        # 9P: remove clunks the fid even when the remove fails.
+        f = self.fids.pop(msg.fid, None)
+        if f is None:
+            raise NineError("EBADF", f"unknown fid {msg.fid}")
+        f.clunked = True
+        try:
+            self._check_write()
+            await f.file.remove()
+        finally:
+            await self._release(f)
+        return m.Rremove(msg.tag)
+
+    async def stat(self, msg: m.Tstat) -> m.Msg:
+        return m.Rstat(msg.tag, await self._fid(msg.fid).file.stat())
+
+    async def wstat(self, msg: m.Twstat) -> m.Msg:
+        f = self._fid(msg.fid)
+        self._check_write()
+        await f.file.wstat(msg.changes)
+        return m.Rwstat(msg.tag)
+
+    async def rename(self, msg: m.Trename) -> m.Msg:
+        f, d = self._fid(msg.fid), self._fid(msg.newdirfid)
+        self._check_write()
+        _check_name(msg.newname)
+        await f.file.rename(d.file, msg.newname)
+        return m.Rrename(msg.tag)
+
+    async def statfs(self, msg: m.Tstatfs) -> m.Msg:
+        return m.Rstatfs(msg.tag, await self._fid(msg.fid).file.statfs())
+
+    async def symlink(self, msg: m.Tsymlink) -> m.Msg:
+        f = self._fid(msg.fid)
+        self._check_write()
+        _check_name(msg.name)
+        file = await f.file.symlink(msg.name, msg.target)
+        return m.Rsymlink(msg.tag, file.qid)
+
+    async def readlink(self, msg: m.Treadlink) -> m.Msg:
+        return m.Rreadlink(msg.tag, await self._fid(msg.fid).file.readlink())

@@ -1,0 +1,189 @@
+"""The trio shell around framing, handshake and sealing: a sealed, framed connection.
+
+``dial`` opens TCP (``HOST:PORT``) or a Unix socket (``unix:PATH`` or an absolute path) and
+runs the client's handshake; ``accept`` runs the node's. Both give a ``Channel`` whose
+``send``/``receive`` move whole plaintext frame bodies.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+
+import nacl.signing
+import trio
+
+from .framing import FrameReader, frame, frame_header
+from .handshake import MAX_HANDSHAKE_MSG, ClientHandshake, HandshakeError, ServerHandshake, TrafficKeys
+from .keys import KnownNodes
+from .messages import MIN_MSIZE
+from .sealing import ABYTES, Opener, Sealer
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds for the whole handshake, either side
+DEFAULT_PORT = 5640
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection or it broke."""
+
+
+def parse_addr(addr: str) -> tuple[str, str | int]:
+    """("unix", path) or (host, port) for an address as users write it."""
+    if addr.startswith("unix:"):
+        return "unix", addr[5:]
+    if addr.startswith("/"):
+        return "unix", addr
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        return addr, DEFAULT_PORT
+    host = host.strip("[]")
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError:
+        raise ValueError(f"bad address {addr!r}: want HOST:PORT") from None
+
+
+def _tune(stream: trio.abc.Stream) -> None:
+    sock = getattr(stream, "socket", None)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    # Keepalive finds a peer that vanished without a FIN even when we have nothing to send.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, val in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 3), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+
+
+async def open_stream(addr: str) -> trio.abc.Stream:
+    host, port = parse_addr(addr)
+    if host == "unix":
+        stream = await trio.open_unix_socket(str(port))
+    else:
+        stream = await trio.open_tcp_stream(host, int(port))
+    _tune(stream)
+    return stream
+
+
+class Channel:
+    """A framed connection sealed in both directions. ``send`` may be called from many tasks."""
+
+    def __init__(self, stream: trio.abc.Stream, reader: FrameReader, keys: TrafficKeys, peer: str) -> None:
+        self.stream = stream
+        self.peer = peer
+        self._reader = reader
+        self._sealer = Sealer(keys.send)
+        self._recv_key = keys.recv
+        self._opener: Opener | None = None
+        self.node_key = b""
+        self._send_lock = trio.Lock()
+        self._header_sent = False
+        self.limit = 0
+        self.set_limit(MIN_MSIZE)  # until Tversion settles msize
+
+    def set_limit(self, plaintext_limit: int) -> None:
+        self.limit = plaintext_limit
+        self._reader.limit = plaintext_limit + ABYTES
+
+    async def send(self, body: bytes) -> None:
+        async with self._send_lock:
+            if not self._header_sent:
+                await self._send_raw(frame(self._sealer.header))
+                self._header_sent = True
+            sealed = self._sealer.seal(body)
+            await self._send_raw(frame_header(len(sealed)) + sealed)
+
+    async def _send_raw(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise ConnectionClosed(str(e) or "connection closed") from None
+
+    async def _receive_raw(self) -> bytes:
+        while True:
+            body = self._reader.next_frame()
+            if body is not None:
+                return body
+            try:
+                data = await self.stream.receive_some(max(self._reader.needed(), 65536))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise ConnectionClosed(str(e) or "connection closed") from None
+            if not data:
+                raise ConnectionClosed("connection closed by peer")
+            self._reader.feed(data)
+
+    async def receive(self) -> bytes:
+        """The next plaintext frame body; ConnectionClosed at the end, ProtocolError if bad."""
+        if self._opener is None:
+            self._opener = Opener(self._recv_key, await self._receive_raw())
+        return self._opener.open(await self._receive_raw())
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+async def _hs_receive(stream: trio.abc.Stream, reader: FrameReader) -> bytes:
+    while (body := reader.next_frame()) is None:
+        data = await stream.receive_some(max(reader.needed(), 1))
+        if not data:
+            raise HandshakeError("connection closed during the handshake")
+        reader.feed(data)
+    return body
+
+
+async def dial(
+    addr: str, identity: nacl.signing.SigningKey, user: str, known: KnownNodes | None
+) -> Channel:
+    """Connect to a node and run the client's handshake; the node's key is checked against
+    ``known`` (pinned on first use). Raises OSError, HandshakeError or HostKeyChanged."""
+    stream = await open_stream(addr)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            reader = FrameReader(MAX_HANDSHAKE_MSG)
+            hs = ClientHandshake(identity, user)
+            await stream.send_all(frame(hs.hello()))
+            msg3 = hs.on_reply(await _hs_receive(stream, reader))
+            if known is not None:
+                known.check(addr, hs.node_key)
+            await stream.send_all(frame(msg3))
+            keys = hs.on_verdict(await _hs_receive(stream, reader))
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    ch = Channel(stream, reader, keys, addr)
+    ch.node_key = hs.node_key
+    return ch
+
+
+Authorizer = Callable[[bytes, str, str | None], tuple[object | None, str]]
+
+
+async def accept(
+    stream: trio.abc.Stream, identity: nacl.signing.SigningKey, authorize: Authorizer
+) -> tuple[Channel, str, object]:
+    """Run the node's handshake on a fresh connection. ``authorize(key, user, peer_ip)``
+    returns (grant, "") to admit or (None, reason) to refuse; the client is told only that
+    it was refused, the reason goes to the log."""
+    peer_ip = None
+    try:
+        peername = stream.socket.getpeername()  # type: ignore[attr-defined]
+        peer_ip = peername[0] if isinstance(peername, tuple) else None
+    except (AttributeError, OSError):
+        pass
+    _tune(stream)
+    reader = FrameReader(MAX_HANDSHAKE_MSG)
+    with trio.fail_after(HANDSHAKE_TIMEOUT):
+        hs = ServerHandshake(identity)
+        await stream.send_all(frame(hs.on_hello(await _hs_receive(stream, reader))))
+        key, user = hs.on_auth(await _hs_receive(stream, reader))
+        grant, reason = authorize(key, user, peer_ip)
+        if grant is None:
+            await stream.send_all(frame(hs.refuse()))
+            raise HandshakeError(f"refused {user!r} from {peer_ip}: {reason}")
+        msg4, keys = hs.accept()
+        await stream.send_all(frame(msg4))
+    return Channel(stream, reader, keys, peer_ip or "unix"), user, grant
