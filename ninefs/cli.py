@@ -197,11 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run a node daemon")
     s.add_argument("--name", help="the node's name (default: the host name)")
-    s.add_argument("--listen", default="0.0.0.0:5640", help="HOST:PORT or unix:PATH (default 0.0.0.0:5640)")
+    s.add_argument(
+        "--listen", default="0.0.0.0:5640", help="HOST:PORT or unix:PATH (default 0.0.0.0:5640)"
+    )
     s.add_argument("--export", help="the directory served as /storage")
     s.add_argument("--state", default="/var/lib/ninefs", help="key, authorized_users, job spools")
     s.add_argument("--label", action="append", help="a label for placement (repeatable)")
-    s.add_argument("--keep", type=float, default=3600.0, help="seconds a finished job is kept (default 3600)")
+    s.add_argument(
+        "--keep", type=float, default=3600.0, help="seconds a finished job is kept (default 3600)"
+    )
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("mount", help="mount the cluster at MOUNTPOINT")
@@ -236,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_revoke)
 
     s = sub.add_parser("demo", help="start local nodes, mount them, and show what to try")
-    s.add_argument("mountpoint", nargs="?", help="where to mount (default: a new temporary directory)")
+    s.add_argument(
+        "mountpoint", nargs="?", help="where to mount (default: a new temporary directory)"
+    )
     s.add_argument("--nodes", type=int, default=3)
     s.set_defaults(fn=cmd_demo)
 

@@ -130,7 +130,9 @@ class Client:
                     await slot.event.wait()
                 flush = False
             except trio.TooSlowError:
-                raise NineError("ETIMEDOUT", f"{type(msg).__name__} to {self.channel.peer} timed out") from None
+                raise NineError(
+                    "ETIMEDOUT", f"{type(msg).__name__} to {self.channel.peer} timed out"
+                ) from None
             finally:
                 if flush and not self.closed.is_set():
                     await self._flush(tag)
@@ -186,7 +188,9 @@ class Client:
         self.root = fid
         return fid
 
-    async def walk(self, fid: int, names: list[str] | tuple[str, ...] = ()) -> tuple[int, list[m.Qid]]:
+    async def walk(
+        self, fid: int, names: list[str] | tuple[str, ...] = ()
+    ) -> tuple[int, list[m.Qid]]:
         """A new fid for ``names`` under ``fid`` (a clone if empty); ENOENT on a partial walk."""
         newfid = self.new_fid()
         qids: list[m.Qid] = []
@@ -226,11 +230,15 @@ class Client:
     async def create(self, fid: int, name: str, perm: int, mode: int) -> m.Rcreate:
         return await self.rpc(m.Tcreate(0, fid, name, perm, mode))
 
-    async def read(self, fid: int, offset: int, count: int, timeout: float | None = DATA_TIMEOUT) -> bytes:
+    async def read(
+        self, fid: int, offset: int, count: int, timeout: float | None = DATA_TIMEOUT
+    ) -> bytes:
         r = await self.rpc(m.Tread(0, fid, offset, min(count, self.iounit)), timeout)
         return r.data
 
-    async def write(self, fid: int, offset: int, data: bytes, timeout: float | None = DATA_TIMEOUT) -> int:
+    async def write(
+        self, fid: int, offset: int, data: bytes, timeout: float | None = DATA_TIMEOUT
+    ) -> int:
         """Write all of ``data`` in iounit pieces; returns the count the node took."""
         done = 0
         view = memoryview(data)

@@ -58,7 +58,9 @@ def _h(*parts: bytes) -> bytes:
 
 
 def _kdf(secret: bytes, transcript: bytes, label: bytes) -> bytes:
-    return hashlib.blake2b(transcript, key=secret, person=label.ljust(16, b"\0"), digest_size=32).digest()
+    return hashlib.blake2b(
+        transcript, key=secret, person=label.ljust(16, b"\0"), digest_size=32
+    ).digest()
 
 
 def _unpack(data: bytes, n: int) -> list[Any]:
@@ -135,7 +137,9 @@ class ClientHandshake:
         self._msg2 = msg2
         self._secret = _shared(self._eph, e_s)
         self._h1 = _h(self._msg1, e_s, n_s)
-        role, node_key, sig = _unpack(_open(_kdf(self._secret, self._h1, b"hs s2c"), _NONCE0, box), 3)
+        role, node_key, sig = _unpack(
+            _open(_kdf(self._secret, self._h1, b"hs s2c"), _NONCE0, box), 3
+        )
         if role != "node":
             raise HandshakeError("peer is not a node")
         self.node_key = _bin(node_key, 32)
@@ -145,7 +149,11 @@ class ClientHandshake:
         h2 = _h(self._msg1, msg2, pub, user)
         sig_c = self._id.sign(b"ninefs user " + h2).signature
         inner = msgpack.packb([pub, self._user, sig_c])
-        msg3 = nacl.secret.SecretBox(_kdf(self._secret, self._h1, b"hs c2s")).encrypt(inner, _NONCE0).ciphertext
+        msg3 = (
+            nacl.secret.SecretBox(_kdf(self._secret, self._h1, b"hs c2s"))
+            .encrypt(inner, _NONCE0)
+            .ciphertext
+        )
         h3 = _h(self._msg1, msg2, msg3)
         self._keys = TrafficKeys(
             send=_kdf(self._secret, h3, b"traffic c2s"), recv=_kdf(self._secret, h3, b"traffic s2c")
@@ -185,7 +193,11 @@ class ServerHandshake:
         self._h1 = _h(msg1, e_s, n_s)
         sig = self._id.sign(b"ninefs node " + self._h1).signature
         inner = msgpack.packb(["node", bytes(self._id.verify_key), sig])
-        box = nacl.secret.SecretBox(_kdf(self._secret, self._h1, b"hs s2c")).encrypt(inner, _NONCE0).ciphertext
+        box = (
+            nacl.secret.SecretBox(_kdf(self._secret, self._h1, b"hs s2c"))
+            .encrypt(inner, _NONCE0)
+            .ciphertext
+        )
         self._msg2 = msgpack.packb([e_s, n_s, box])
         return self._msg2
 
@@ -196,7 +208,9 @@ class ServerHandshake:
         pub = _bin(pub, 32)
         if type(user) is not str or not 0 < len(user) <= 64 or "\0" in user or "/" in user:
             raise HandshakeError("bad user name")
-        _verify(pub, b"ninefs user " + _h(self._msg1, self._msg2, pub, user.encode()), _bin(sig, 64))
+        _verify(
+            pub, b"ninefs user " + _h(self._msg1, self._msg2, pub, user.encode()), _bin(sig, 64)
+        )
         h3 = _h(self._msg1, self._msg2, msg3)
         self._keys = TrafficKeys(
             send=_kdf(self._secret, h3, b"traffic s2c"), recv=_kdf(self._secret, h3, b"traffic c2s")

@@ -162,7 +162,9 @@ class Grant:
 def parse_grant(line: str) -> Grant:
     words = line.split()
     if len(words) < 2:
-        raise KeyError_("a line is: PUBKEY USER [ro] [trees=/a,/b] [expires=YYYY-MM-DD] [from=CIDR,...]")
+        raise KeyError_(
+            "a line is: PUBKEY USER [ro] [trees=/a,/b] [expires=YYYY-MM-DD] [from=CIDR,...]"
+        )
     key, user, opts = decode_public(words[0]), words[1], words[2:]
     trees: tuple[str, ...] = ()
     ro, expires, source = False, None, ()

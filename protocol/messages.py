@@ -356,4 +356,3 @@ def decode(body: bytes | bytearray | memoryview) -> Msg:
     elif len(rest):
         raise ProtocolError(f"{len(rest)} stray bytes after {cls.__name__}")
     return cls(*values)
-

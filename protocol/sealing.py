@@ -25,7 +25,9 @@ class Sealer:
         self.header = nb.crypto_secretstream_xchacha20poly1305_init_push(self._state, key)
 
     def seal(self, plaintext: bytes) -> bytes:
-        return nb.crypto_secretstream_xchacha20poly1305_push(self._state, plaintext, None, _TAG_MESSAGE)
+        return nb.crypto_secretstream_xchacha20poly1305_push(
+            self._state, plaintext, None, _TAG_MESSAGE
+        )
 
 
 class Opener:
@@ -42,10 +44,14 @@ class Opener:
         if self._broken:
             raise ProtocolError("stream already failed")
         try:
-            plaintext, tag = nb.crypto_secretstream_xchacha20poly1305_pull(self._state, ciphertext, None)
+            plaintext, tag = nb.crypto_secretstream_xchacha20poly1305_pull(
+                self._state, ciphertext, None
+            )
         except (nacl.exceptions.CryptoError, ValueError, TypeError):
             self._broken = True
-            raise ProtocolError("a sealed frame failed to open (altered, replayed or out of order)") from None
+            raise ProtocolError(
+                "a sealed frame failed to open (altered, replayed or out of order)"
+            ) from None
         if tag != _TAG_MESSAGE:
             self._broken = True
             raise ProtocolError("unexpected stream tag")

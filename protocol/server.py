@@ -40,7 +40,7 @@ class Fid:
 class _Request:
     scope: trio.CancelScope
     done: trio.Event
-    flushed: bool = False
+    replying: bool = False  # the reply is being sent: the client may already reuse the tag
 
 
 def _check_name(name: str) -> None:
@@ -111,7 +111,8 @@ class Session:
             if isinstance(msg, m.Tflush):
                 nursery.start_soon(self._flush, msg)
                 continue
-            if msg.tag in self.requests or msg.tag == m.NOTAG:
+            old = self.requests.get(msg.tag)
+            if (old is not None and not old.replying) or msg.tag == m.NOTAG:
                 raise ProtocolError(f"tag {msg.tag} is already in use")
             await self._slots.acquire()  # backpressure: stop reading when too much is in flight
             req = _Request(trio.CancelScope(), trio.Event())
@@ -135,9 +136,11 @@ class Session:
             finally:
                 self._slots.release()
             if reply is not None:  # None: a Tflush cancelled it, and 9P sends no reply then
+                req.replying = True
                 await self._send(reply)
         finally:
-            del self.requests[msg.tag]
+            if self.requests.get(msg.tag) is req:
+                del self.requests[msg.tag]
             req.done.set()
 
     async def _send(self, reply: m.Msg) -> None:
@@ -163,7 +166,6 @@ class Session:
         # answer only once it has finished, so its tag is free when the client sees Rflush.
         req = self.requests.get(msg.oldtag)
         if req is not None and msg.oldtag != msg.tag:
-            req.flushed = True
             req.scope.cancel()
             await req.done.wait()
         await self._send(m.Rflush(msg.tag))

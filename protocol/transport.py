@@ -15,7 +15,13 @@ import nacl.signing
 import trio
 
 from .framing import FrameReader, frame, frame_header
-from .handshake import MAX_HANDSHAKE_MSG, ClientHandshake, HandshakeError, ServerHandshake, TrafficKeys
+from .handshake import (
+    MAX_HANDSHAKE_MSG,
+    ClientHandshake,
+    HandshakeError,
+    ServerHandshake,
+    TrafficKeys,
+)
 from .keys import KnownNodes
 from .messages import MIN_MSIZE
 from .sealing import ABYTES, Opener, Sealer
@@ -70,7 +76,9 @@ async def open_stream(addr: str) -> trio.abc.Stream:
 class Channel:
     """A framed connection sealed in both directions. ``send`` may be called from many tasks."""
 
-    def __init__(self, stream: trio.abc.Stream, reader: FrameReader, keys: TrafficKeys, peer: str) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, reader: FrameReader, keys: TrafficKeys, peer: str
+    ) -> None:
         self.stream = stream
         self.peer = peer
         self._reader = reader

@@ -36,7 +36,9 @@ def _usage() -> list[float]:
     (_, a), (_, b) = _last[0], _last[-1]
     out = []
     for x, y in zip(a, b):
-        busy = (sum(y) - y.idle - getattr(y, "iowait", 0)) - (sum(x) - x.idle - getattr(x, "iowait", 0))
+        busy = (sum(y) - y.idle - getattr(y, "iowait", 0)) - (
+            sum(x) - x.idle - getattr(x, "iowait", 0)
+        )
         total = sum(y) - sum(x)
         out.append(100.0 * busy / total if total > 0 else 0.0)
     return out

@@ -90,7 +90,9 @@ class NodeDaemon:
                 self.stats["connections_total"] += 1
                 log.info("%s connected as %s", ch.peer, user)
                 try:
-                    session = Session(self.tree, Principal(user, grant, ch.peer), max_fids=self.cfg.max_fids)
+                    session = Session(
+                        self.tree, Principal(user, grant, ch.peer), max_fids=self.cfg.max_fids
+                    )
                     await session.serve(ch)
                 finally:
                     self.stats["connections"] -= 1

@@ -14,7 +14,9 @@ def _line(name: str, value: float, help_: str, kind: str = "gauge", labels: str 
     return f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name}{labels} {value}\n"
 
 
-def entry(node: str, stats: Callable[[], dict[str, float]], jobs: Callable[[], dict[str, int]]) -> Text:
+def entry(
+    node: str, stats: Callable[[], dict[str, float]], jobs: Callable[[], dict[str, int]]
+) -> Text:
     def render(ctx: object) -> str:
         vm = psutil.virtual_memory()
         l1, l5, l15 = os.getloadavg()

@@ -76,7 +76,8 @@ class Dir(Entry):
     def __init__(
         self,
         name: str,
-        entries: Iterable[Entry] | Callable[[Ctx], Iterable[Entry] | Awaitable[Iterable[Entry]]] = (),
+        entries: Iterable[Entry]
+        | Callable[[Ctx], Iterable[Entry] | Awaitable[Iterable[Entry]]] = (),
         perm: int = 0o555,
         lookup: Callable[[Ctx, str], Entry | None | Awaitable[Entry | None]] | None = None,
     ) -> None:
@@ -120,7 +121,9 @@ class Text(Entry):
         write: Callable[[Ctx, bytes], Any] | None = None,
         perm: int | None = None,
     ) -> None:
-        super().__init__(name, perm if perm is not None else (0o444 if read else 0) | (0o222 if write else 0))
+        super().__init__(
+            name, perm if perm is not None else (0o444 if read else 0) | (0o222 if write else 0)
+        )
         self._read, self._write = read, write
 
     async def open(self, ctx: Ctx, mode: int) -> Handle:
@@ -266,7 +269,18 @@ class SynthFile(File):
     def _stat(self) -> m.Stat:
         e = self.entry
         mode = e.perm | (m.DMDIR if e.qtype & m.QTDIR else 0)
-        return m.Stat(self._qid, mode, 0, e.mtime, e.mtime, e.mtime, 1, self.ctx.user, self.ctx.user, e.name or "/")
+        return m.Stat(
+            self._qid,
+            mode,
+            0,
+            e.mtime,
+            e.mtime,
+            e.mtime,
+            1,
+            self.ctx.user,
+            self.ctx.user,
+            e.name or "/",
+        )
 
     async def stat(self) -> m.Stat:
         return self._stat()

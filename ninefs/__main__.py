@@ -1,0 +1,3 @@
+from ninefs.cli import main
+
+main()
