@@ -350,7 +350,7 @@ def decode(body: bytes | bytearray | memoryview) -> Msg:
     if len(header) != 2 + len(fields):
         raise ProtocolError(f"{cls.__name__} has {len(fields)} fields, got {len(header) - 2}")
     values = [_u16(header[1])]
-    values.extend(check(v) for (_, check), v in zip(fields, header[2:]))
+    values.extend(check(v) for (_, check), v in zip(fields, header[2:], strict=True))
     if cls in _HAS_DATA:
         values.append(bytes(rest))
     elif len(rest):

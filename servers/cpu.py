@@ -35,7 +35,7 @@ def _usage() -> list[float]:
             _last.append((time.monotonic(), psutil.cpu_times(percpu=True)))
     (_, a), (_, b) = _last[0], _last[-1]
     out = []
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         busy = (sum(y) - y.idle - getattr(y, "iowait", 0)) - (
             sum(x) - x.idle - getattr(x, "iowait", 0)
         )
