@@ -191,7 +191,7 @@ class AuthorizedUsers:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
         self._grants: dict[bytes, Grant] = {}
 
     def _refresh(self) -> None:
@@ -200,7 +200,9 @@ class AuthorizedUsers:
         except FileNotFoundError:
             self._stamp, self._grants = None, {}  # fail closed: no file, no access
             return
-        stamp = (st.st_mtime_ns, st.st_size)
+        # The inode and ctime too: `revoke` replaces the file, and an edit within one
+        # coarse mtime tick that keeps the size must still be seen.
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         if stamp == self._stamp:
             return
         grants: dict[bytes, Grant] = {}

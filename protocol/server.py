@@ -43,6 +43,13 @@ class _Request:
     replying: bool = False  # the reply is being sent: the client may already reuse the tag
 
 
+def _clip(text: str) -> str:
+    """An error message that the peer's strict decoder accepts: at most MAXSTR bytes of
+    valid UTF-8 (cut on a character boundary), no NUL, no lone surrogates."""
+    raw = text.replace("\0", " ").encode("utf-8", "replace")
+    return raw[: m.MAXSTR].decode("utf-8", "ignore")
+
+
 def _check_name(name: str) -> None:
     if name in (".", ".."):
         raise NineError("EINVAL", f"bad name {name!r}")
@@ -126,10 +133,10 @@ class Session:
                 with req.scope:
                     reply = await self._handlers[type(msg)](msg)
             except NineError as e:
-                reply = m.Rerror(msg.tag, e.ename, e.message[: m.MAXSTR])
+                reply = m.Rerror(msg.tag, e.ename, _clip(e.message))
             except OSError as e:
                 name = errno.errorcode.get(e.errno or 0, "EIO")
-                reply = m.Rerror(msg.tag, name, (e.strerror or name)[: m.MAXSTR])
+                reply = m.Rerror(msg.tag, name, _clip(e.strerror or name))
             except Exception:
                 log.exception("%s: %s failed", self.channel.peer, type(msg).__name__)
                 reply = m.Rerror(msg.tag, "EIO", "internal server error")
@@ -145,7 +152,12 @@ class Session:
 
     async def _send(self, reply: m.Msg) -> None:
         try:
-            await self.channel.send(m.encode(reply))
+            body = m.encode(reply)
+        except Exception:  # e.g. a name with lone surrogates: fail this request, not the session
+            log.exception("%s: cannot encode %s", self.channel.peer, type(reply).__name__)
+            body = m.encode(m.Rerror(reply.tag, "EIO", "the reply could not be encoded"))
+        try:
+            await self.channel.send(body)
         except ConnectionClosed:
             pass  # the read loop sees it too and ends the session
 

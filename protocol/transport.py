@@ -88,6 +88,7 @@ class Channel:
         self.node_key = b""
         self._send_lock = trio.Lock()
         self._header_sent = False
+        self._broken = ""
         self.limit = 0
         self.set_limit(MIN_MSIZE)  # until Tversion settles msize
 
@@ -97,11 +98,23 @@ class Channel:
 
     async def send(self, body: bytes) -> None:
         async with self._send_lock:
-            if not self._header_sent:
-                await self._send_raw(frame(self._sealer.header))
-                self._header_sent = True
+            # Sealing moves the stream's counter on, so a sealed frame must reach the peer
+            # whole: take a pending cancellation now, before sealing; a send interrupted
+            # after that (cancelled while blocked on a full socket) may have left half a
+            # frame on the wire, and the channel is closed rather than left out of step.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._broken:
+                raise ConnectionClosed(self._broken)
+            data = b"" if self._header_sent else frame(self._sealer.header)
             sealed = self._sealer.seal(body)
-            await self._send_raw(frame_header(len(sealed)) + sealed)
+            try:
+                await self._send_raw(data + frame_header(len(sealed)) + sealed)
+            except BaseException:
+                self._broken = "a send was interrupted in the middle of a frame"
+                with trio.CancelScope(shield=True):
+                    await self.stream.aclose()
+                raise
+            self._header_sent = True
 
     async def _send_raw(self, data: bytes) -> None:
         try:

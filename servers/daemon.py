@@ -46,7 +46,7 @@ class NodeDaemon:
         cfg.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity = load_or_create(cfg.state / "key")
         self.users = AuthorizedUsers(cfg.state / "authorized_users")
-        self.jobs = jobs.JobTable(cfg.state / "jobs", node=cfg.name, keep=cfg.keep)
+        self.jobs = jobs.JobTable(cfg.state / "jobs", node=cfg.name, keep=cfg.keep, workdir=cfg.export)
         self.stats = {"connections": 0, "connections_total": 0, "refused_total": 0}
         entries = base_entries(cfg.name, cfg.labels)
         entries.append(proc.tree(self.jobs))

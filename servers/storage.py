@@ -1,11 +1,403 @@
-"""/storage (placeholder while the passthrough is written)."""
+"""/storage: a real directory on the node, served read and write.
+
+Nothing outside the export may be reached, whatever is on disk or changes there between
+calls (QEMU CVE-2016-7116 and CVE-2016-9602, Samba CVE-2017-2619 are what happens
+otherwise). So:
+
+- every File holds an O_PATH|O_NOFOLLOW descriptor of the inode it was walked to, and a
+  walk opens one name relative to its directory's descriptor: never a path, never realpath,
+  never through a symbolic link. A walk onto a link gives the link itself; walking further
+  is ENOTDIR; opening it is ELOOP. The FUSE client resolves links itself.
+- '..' is the parent File the walk came from, and at the export root the root itself.
+- calls that take a path (open, chmod, utime, truncate) are given /proc/self/fd/N, the
+  kernel's link to exactly the walked inode, so a name swapped since the walk cannot
+  redirect them.
+- only regular files and directories are ever opened: FIFOs, devices and sockets are
+  refused by the type seen at walk (an inode's type never changes), before any open that
+  could block or reach a driver (QEMU CVE-2023-2861); the open itself is O_NONBLOCK and
+  checked again with fstat.
+- setuid and setgid bits are never set, by create or by wstat (QEMU GHSA-ppj8-867g-rgjr).
+
+Everything runs as the daemon's user; the session has already refused changes to keys that
+may only read. Data calls (read, write, fsync, truncate, listing a directory) run in
+threads so one slow disk holds up no other client; small metadata calls stay on the loop.
+"""
 
 from __future__ import annotations
 
+import functools
+import grp
+import logging
+import os
+import pwd
+import stat as st_
+import struct
+import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .toolkit import Dir
+import trio
+import xxhash
+
+from ninefs.protocol import messages as m
+from ninefs.protocol.errors import NineError
+from ninefs.protocol.fs import File, Handle, Principal
+
+from .toolkit import Mount
+
+log = logging.getLogger(__name__)
+
+_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN = os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+_ACCESS = {m.OREAD: os.O_RDONLY, m.OWRITE: os.O_WRONLY, m.ORDWR: os.O_RDWR, m.OEXEC: os.O_RDONLY}
+_PERM = 0o1777  # the bits create and chmod may set: never setuid or setgid
+_MAX_OFFSET = 2**63 - 1
 
 
-def tree(export: Path) -> Dir:
-    return Dir("storage", [])
+def tree(export: Path) -> Mount:
+    """The /storage entry of a node's root: the directory ``export``, read and write."""
+    export = Path(export)
+
+    def attach(ctx: Principal) -> StorageFile:
+        # The export path is the operator's: following links in it is fine. Below it, never.
+        fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return StorageFile._adopt(fd, None, "storage")
+
+    return Mount("storage", attach)
+
+
+async def _thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+def _proc(fd: int) -> str:
+    # The kernel's magic link to the very inode ``fd`` holds: no name is looked up again.
+    return f"/proc/self/fd/{fd}"
+
+
+def _check_name(name: str) -> None:
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise NineError("EINVAL", f"bad name {name!r:.40}")
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+@functools.lru_cache(maxsize=512)
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+@functools.lru_cache(maxsize=512)
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def qid_of(st: os.stat_result) -> m.Qid:
+    """The qid of an inode: path from (device, inode); version changes with the contents."""
+    if st_.S_ISDIR(st.st_mode):
+        qtype = m.QTDIR
+    elif st_.S_ISLNK(st.st_mode):
+        qtype = m.QTSYMLINK
+    else:
+        qtype = m.QTFILE
+    path = xxhash.xxh3_64_intdigest(struct.pack("<QQ", st.st_dev, st.st_ino))
+    version = xxhash.xxh32_intdigest(
+        struct.pack("<qqQ", st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+    )
+    return m.Qid(qtype, version, path)
+
+
+def stat_of(st: os.stat_result, name: str) -> m.Stat:
+    mode = st.st_mode & 0o7777
+    if st_.S_ISDIR(st.st_mode):
+        mode |= m.DMDIR
+    elif st_.S_ISLNK(st.st_mode):
+        mode |= m.DMSYMLINK
+    return m.Stat(
+        qid_of(st), mode, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+        min(st.st_nlink, 0xFFFFFFFF), _user(st.st_uid), _group(st.st_gid), name,
+    )  # fmt: skip
+
+
+def _fits_str(s: str, limit: int = m.MAXSTR) -> bool:
+    # os gives undecodable bytes as surrogates, which msgpack cannot send.
+    try:
+        return len(s.encode()) <= limit
+    except UnicodeEncodeError:
+        return False
+
+
+def _fits_wire(name: str) -> bool:
+    return _fits_str(name, m.MAXNAME)
+
+
+class StorageFile(File):
+    """One inode under the export, as walked: its O_PATH descriptor, its parent, its name."""
+
+    def __init__(self, fd: int, st: os.stat_result, parent: StorageFile | None, name: str) -> None:
+        self._fd = fd
+        self._st = st  # as walked; the type of an inode never changes
+        self._loc = (parent, name)  # one attribute, so a rename updates it in one step
+        self._qid = qid_of(st)
+        # Bounded descriptors: the O_PATH fd lives as long as some fid (or child) uses it.
+        weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def _adopt(cls, fd: int, parent: StorageFile | None, name: str) -> StorageFile:
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, st, parent, name)
+
+    @classmethod
+    def _at(cls, parent: StorageFile, name: str) -> StorageFile:
+        """The inode ``name`` in ``parent`` names now; a link is the link itself."""
+        return cls._adopt(os.open(name, _PATH, dir_fd=parent._fd), parent, name)
+
+    @property
+    def qid(self) -> m.Qid:
+        return self._qid
+
+    @property
+    def is_dir(self) -> bool:
+        return st_.S_ISDIR(self._st.st_mode)
+
+    @property
+    def is_link(self) -> bool:
+        return st_.S_ISLNK(self._st.st_mode)
+
+    def _need_dir(self) -> None:
+        if not self.is_dir:
+            raise NineError("ENOTDIR", f"{self._loc[1]} is not a directory")
+
+    def _still_there(self) -> tuple[StorageFile, str]:
+        """Parent and name, if the name still names this inode (for unlink and rename,
+        which only take names)."""
+        parent, name = self._loc
+        if parent is None:
+            raise NineError("EBUSY", "the export root cannot be removed or renamed")
+        now = os.stat(name, dir_fd=parent._fd, follow_symlinks=False)
+        if not _same(now, self._st):
+            raise NineError("ESTALE", f"{name} was replaced since it was walked")
+        return parent, name
+
+    # -- walking and looking -----------------------------------------------------------
+
+    async def walk(self, name: str) -> File:
+        if name == ".":
+            return self
+        if name == "..":
+            return self._loc[0] or self
+        self._need_dir()
+        _check_name(name)
+        try:
+            return StorageFile._at(self, name)
+        except OSError as e:
+            # NineError, so the session can answer a partial walk
+            raise NineError(e.errno or 0, f"{name}: {e.strerror}") from None
+
+    async def stat(self) -> m.Stat:
+        return stat_of(os.fstat(self._fd), self._loc[1])
+
+    async def readlink(self) -> str:
+        if not self.is_link:
+            raise NineError("EINVAL", "not a symbolic link")
+        target = os.readlink("", dir_fd=self._fd)  # "" with an O_PATH fd: this very link
+        if not _fits_str(target):
+            raise NineError("EILSEQ", "link target is not UTF-8")
+        return target
+
+    async def statfs(self) -> m.StatFs:
+        s = await _thread(os.statvfs, self._fd)
+        return m.StatFs(s.f_frsize, s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree,
+                        s.f_namemax)  # fmt: skip
+
+    # -- opening and creating ----------------------------------------------------------
+
+    def _reopen(self, flags: int) -> int:
+        """An fd open for I/O on exactly the walked inode, which must be a regular file or
+        a directory; never blocks, never follows a link, never opens a device."""
+        kind = st_.S_IFMT(self._st.st_mode)
+        if kind == st_.S_IFLNK:
+            raise NineError("ELOOP", "a symbolic link cannot be opened; read it with readlink")
+        if kind not in (st_.S_IFREG, st_.S_IFDIR):
+            log.info("refused to open %s: mode %o", self._loc[1], self._st.st_mode)
+            raise NineError("EPERM", "only regular files and directories can be opened")
+        fd = os.open(_proc(self._fd), flags | _OPEN)
+        try:
+            st = os.fstat(fd)
+            if not _same(st, self._st) or st_.S_IFMT(st.st_mode) != kind:
+                raise NineError("ESTALE", "the file changed while it was opened")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    async def open(self, mode: int) -> Handle:
+        acc = mode & 3
+        if self.is_dir:
+            if acc not in (m.OREAD, m.OEXEC) or mode & m.OTRUNC:
+                raise NineError("EISDIR", "a directory opens only for reading")
+            return await DirHandle.load(self._reopen(os.O_RDONLY | os.O_DIRECTORY))
+        fd = self._reopen(_ACCESS[acc] | (os.O_APPEND if mode & m.OAPPEND else 0))
+        h = StorageHandle(fd)
+        if mode & m.OTRUNC:
+            # truncated after the checks, never by the open: a special file is never touched
+            try:
+                await _thread(os.ftruncate, fd, 0)
+            except BaseException:
+                await h.close()
+                raise
+        return h
+
+    async def create(self, name: str, perm: int, mode: int) -> tuple[File, Handle]:
+        self._need_dir()
+        _check_name(name)
+        if perm & m.DMSYMLINK:
+            raise NineError("EINVAL", "make symbolic links with symlink")
+        bits = perm & _PERM
+        acc = mode & 3
+        if perm & m.DMDIR:
+            if acc not in (m.OREAD, m.OEXEC) or mode & m.OTRUNC:
+                raise NineError("EISDIR", "a directory opens only for reading")
+            os.mkdir(name, 0o700, dir_fd=self._fd)
+            child = StorageFile._at(self, name)
+            if not child.is_dir:
+                raise NineError("ESTALE", f"{name} was replaced while it was made")
+            # the perm asked for, exactly: the daemon's umask is not the user's
+            os.chmod(_proc(child._fd), bits)
+            return child, await child.open(m.OREAD)
+        flags = _ACCESS[acc] | (os.O_APPEND if mode & m.OAPPEND else 0)
+        try:
+            # O_CREAT|O_EXCL never follows a link and only ever makes a new regular file
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _OPEN,
+                         0o600, dir_fd=self._fd)  # fmt: skip
+        except FileExistsError:
+            if mode & m.OEXCL:
+                raise
+            child = StorageFile._at(self, name)  # it exists: open it as a walk would
+            return child, await child.open(mode)
+        try:
+            os.fchmod(fd, bits)
+            os.set_blocking(fd, True)
+            child = StorageFile._adopt(os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC), self, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return child, StorageHandle(fd)
+
+    async def symlink(self, name: str, target: str) -> File:
+        self._need_dir()
+        _check_name(name)
+        os.symlink(target, name, dir_fd=self._fd)  # the text is stored, never followed here
+        return StorageFile._at(self, name)
+
+    # -- changing ----------------------------------------------------------------------
+
+    async def remove(self) -> None:
+        try:
+            parent, name = self._still_there()
+            await _thread(os.rmdir if self.is_dir else os.unlink, name, dir_fd=parent._fd)
+        except OSError as e:
+            # NineError: a clunk with ORCLOSE expects one when the remove fails
+            raise NineError(e.errno or 0, e.strerror or "") from None
+
+    async def rename(self, newdir: File, newname: str) -> None:
+        if not isinstance(newdir, StorageFile):
+            raise NineError("EXDEV", "can only rename within /storage")
+        newdir._need_dir()
+        _check_name(newname)
+        parent, name = self._still_there()
+        await _thread(os.rename, name, newname, src_dir_fd=parent._fd, dst_dir_fd=newdir._fd)
+        # The fid names the file, which now lives here: later removes and renames use this.
+        self._loc = (newdir, newname)
+
+    async def wstat(self, changes: dict[str, int]) -> None:
+        path = _proc(self._fd)
+        if "size" in changes:
+            if self.is_dir:
+                raise NineError("EISDIR", "a directory has no size to set")
+            if not st_.S_ISREG(self._st.st_mode):
+                raise NineError("EINVAL", "only a regular file can be truncated")
+        if "mode" in changes:
+            os.chmod(path, changes["mode"] & _PERM)  # EOPNOTSUPP for links, from the kernel
+        if "size" in changes:
+            await _thread(os.truncate, path, changes["size"])
+        if "atime" in changes or "mtime" in changes:  # last: a truncate sets mtime
+            now = os.fstat(self._fd)
+            times = (changes.get("atime", now.st_atime_ns), changes.get("mtime", now.st_mtime_ns))
+            os.utime(path, ns=times)
+
+
+class StorageHandle(Handle):
+    """An open regular file: positioned reads and writes on its own descriptor."""
+
+    flags = 0  # a real file: cacheable, with an exact size
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    async def read(self, offset: int, count: int) -> bytes:
+        if offset > _MAX_OFFSET:
+            raise NineError("EINVAL", "offset out of range")
+        return await _thread(os.pread, self._fd, count, offset)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if offset > _MAX_OFFSET:
+            raise NineError("EINVAL", "offset out of range")
+        # with O_APPEND, Linux's pwrite appends whatever the offset: that is OAPPEND
+        return await _thread(os.pwrite, self._fd, data, offset)
+
+    async def fsync(self) -> None:
+        await _thread(os.fsync, self._fd)
+
+    async def close(self) -> None:
+        await _thread(os.close, self._fd)
+
+
+class DirHandle(StorageHandle):
+    """An open directory: its entries and their stats, listed once at open, so readdir
+    offsets index a fixed list however the directory changes meanwhile."""
+
+    def __init__(self, fd: int, entries: list[m.Stat]) -> None:
+        super().__init__(fd)
+        self.entries = entries
+
+    @classmethod
+    async def load(cls, fd: int) -> DirHandle:
+        try:
+            entries = await _thread(_listing, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, entries)
+
+    async def readdir(self, offset: int, count: int) -> list[m.Stat]:
+        return self.entries[offset : offset + count]
+
+
+def _listing(fd: int) -> list[m.Stat]:
+    out = []
+    with os.scandir(fd) as it:  # scandir works on a duplicate and leaves fd as it was
+        for e in it:
+            if not _fits_wire(e.name):
+                log.warning("not listing %r: its name is not UTF-8 or too long", e.name)
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)  # fstatat relative to fd, never following
+            except FileNotFoundError:
+                continue  # removed while we listed
+            out.append(stat_of(st, e.name))
+    return out
