@@ -1,0 +1,661 @@
+"""The FUSE bridge: kernel requests in, namespace and node calls out.
+
+Each inode is a namespace path plus the place it resolved to (a node's file, or one of the
+namespace's own files). A node's inode keeps a fid walked on the node's current connection;
+a fid from an older connection is re-walked for new requests, while a handle opened on an
+older connection fails with EIO for good (its file position and open state are gone).
+
+Caching: files under a node's /storage are ordinary files: attributes and entries are
+cached for STORAGE_TTL and the page cache is kept while qid.version is unchanged.
+Everything else on a node is synthetic: size 0, no attribute cache, direct I/O.
+Blocking reads (a job's stdout, wait) hold only their own worker task; they end with EINTR
+within SIGNAL_POLL of the reader getting a signal, since FUSE_INTERRUPT never reaches us.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat as st
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from ninefs.protocol import messages as m
+from ninefs.protocol.client import DATA_TIMEOUT, Client
+from ninefs.protocol.errors import NineError
+
+from .namespace import LocalSrc, Namespace, NodeSrc, Path_
+
+log = logging.getLogger(__name__)
+
+STORAGE_TTL = 1.0  # seconds the kernel may cache storage attributes and entries
+ENTRY_TTL = 1.0  # synthetic names are stable; their contents are never cached
+SIGNAL_POLL = 0.2
+BLKSIZE = 1 << 20
+
+
+@dataclass(eq=False)
+class Vnode:
+    ino: int
+    path: Path_
+    src: NodeSrc | LocalSrc
+    kind: str = "file"  # file | dir | link
+    nlookup: int = 0
+    fid: int | None = None
+    gen: int = -1  # the connection generation the fid belongs to
+    stat: m.Stat | None = None
+    version: int | None = None  # qid.version when last opened (for keep_cache)
+
+    @property
+    def storage(self) -> bool:
+        return isinstance(self.src, NodeSrc) and self.src.path[:1] == ("storage",)
+
+
+@dataclass(eq=False)
+class OpenFile:
+    vnode: Vnode
+    pid: int
+    node: str = ""
+    gen: int = -1
+    fid: int | None = None
+    flags: int = 0  # OF_* from Ropen
+    data: bytes = b""  # a local file's snapshot
+    writer: object = None  # a local file's write callback
+    entries: list[tuple[str, pyfuse3.EntryAttributes, Vnode | None]] = field(default_factory=list)
+
+
+def _fuse_errors(fn):
+    """NineError -> FUSEError with the same errno; anything unexpected -> EIO, logged."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except NineError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def signalled(pid: int) -> bool:
+    """True if ``pid`` has a signal pending that it does not block, or is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:
+        return False
+    pending = int(fields.get("SigPnd", "0").strip(), 16) | int(fields.get("ShdPnd", "0").strip(), 16)
+    return bool(pending & ~int(fields.get("SigBlk", "0").strip(), 16))
+
+
+def _mode_9p(flags: int) -> int:
+    acc = flags & os.O_ACCMODE
+    mode = {os.O_RDONLY: m.OREAD, os.O_WRONLY: m.OWRITE, os.O_RDWR: m.ORDWR}.get(acc, m.OREAD)
+    if flags & os.O_TRUNC:
+        mode |= m.OTRUNC
+    if flags & os.O_APPEND:
+        mode |= m.OAPPEND
+    if flags & os.O_EXCL:
+        mode |= m.OEXCL
+    return mode
+
+
+class NinefsOps(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, ns: Namespace, nursery: trio.Nursery) -> None:
+        super().__init__()
+        self.ns = ns
+        self.nursery = nursery
+        self.uid, self.gid = os.getuid(), os.getgid()
+        root = Vnode(pyfuse3.ROOT_INODE, (), LocalSrc(()), "dir", nlookup=1)
+        self.vnodes: dict[int, Vnode] = {root.ino: root}
+        self.by_path: dict[Path_, Vnode] = {(): root}
+        self.files: dict[int, OpenFile] = {}
+        self._next_ino = pyfuse3.ROOT_INODE + 1
+        self._next_fh = 1
+
+    # -- vnodes ------------------------------------------------------------------------
+
+    def _vnode(self, ino: int) -> Vnode:
+        v = self.vnodes.get(ino)
+        if v is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return v
+
+    def _vnode_for(self, path: Path_, src: NodeSrc | LocalSrc, kind: str) -> Vnode:
+        v = self.by_path.get(path)
+        if v is not None and (v.src != src or v.kind != kind):
+            # the name now means another file (a union changed, a file was replaced)
+            self._drop_fid(v)
+            v.src, v.kind, v.stat = src, kind, None
+        if v is None:
+            v = Vnode(self._next_ino, path, src, kind)
+            self._next_ino += 1
+            self.vnodes[v.ino] = v
+            self.by_path[path] = v
+        return v
+
+    def _drop_fid(self, v: Vnode) -> None:
+        if v.fid is not None and isinstance(v.src, NodeSrc):
+            conn = self.ns.nodes.get(v.src.node)
+            fid, gen = v.fid, v.gen
+            if conn is not None and conn.client is not None and conn.gen == gen:
+                self.nursery.start_soon(self._clunk, conn.client, fid)
+        v.fid, v.gen = None, -1
+
+    async def _clunk(self, client: Client, fid: int) -> None:
+        with trio.move_on_after(5):
+            try:
+                await client.clunk(fid)
+            except NineError:
+                pass
+
+    def _client(self, node: str) -> tuple[Client, int]:
+        conn = self.ns.nodes.get(node)
+        if conn is None:
+            raise NineError("ENOENT", f"node {node} is not mounted")
+        return conn.get()
+
+    async def _fid(self, v: Vnode) -> tuple[Client, int]:
+        """The client and a fid naming ``v`` on the node's current connection."""
+        assert isinstance(v.src, NodeSrc)
+        conn = self.ns.nodes.get(v.src.node)
+        client, gen = self._client(v.src.node)
+        if v.fid is None or v.gen != gen:
+            fid, _ = await client.walk(conn.root, v.src.path)
+            self._drop_fid(v)
+            v.fid, v.gen = fid, gen
+        return client, v.fid
+
+    async def _clone(self, v: Vnode) -> tuple[Client, int, int]:
+        """A fresh fid for ``v`` (to open or create with); returns (client, gen, fid)."""
+        assert isinstance(v.src, NodeSrc)
+        conn = self.ns.nodes.get(v.src.node)
+        client, gen = self._client(v.src.node)
+        fid, _ = await client.walk(conn.root, v.src.path)
+        return client, gen, fid
+
+    # -- attributes --------------------------------------------------------------------
+
+    def _attrs(self, v: Vnode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = v.ino
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_blksize = BLKSIZE
+        s = v.stat
+        if s is None:  # the namespace's own files
+            a.st_mode = (st.S_IFDIR | 0o555) if v.kind == "dir" else (st.S_IFREG | 0o644)
+            if v.path == ("jobs", "clone"):
+                a.st_mode = st.S_IFREG | 0o444
+            a.st_nlink = 2 if v.kind == "dir" else 1
+            a.entry_timeout = a.attr_timeout = 0
+            return a
+        perm = s.mode & 0o7777
+        if s.mode & m.DMDIR:
+            a.st_mode = st.S_IFDIR | perm
+        elif s.mode & m.DMSYMLINK:
+            a.st_mode = st.S_IFLNK | perm
+        else:
+            a.st_mode = st.S_IFREG | perm
+        a.st_nlink = max(s.nlink, 1)
+        a.st_size = s.size
+        a.st_blocks = (s.size + 511) // 512
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = s.atime, s.mtime, s.ctime
+        if v.storage:
+            a.entry_timeout = a.attr_timeout = STORAGE_TTL
+        else:
+            a.entry_timeout, a.attr_timeout = ENTRY_TTL, 0
+        return a
+
+    @staticmethod
+    def _kind(s: m.Stat) -> str:
+        return "dir" if s.mode & m.DMDIR else "link" if s.mode & m.DMSYMLINK else "file"
+
+    async def _resolve(self, path: Path_) -> Vnode:
+        """Find the first place in the union at ``path`` that has the file."""
+        err: NineError | None = None
+        for src in self.ns.resolve(path):
+            if isinstance(src, LocalSrc):
+                kind = self.ns.local_kind(src.path)
+                if kind is None and path in self.ns.table:
+                    kind = "dir"
+                if kind is not None:
+                    v = self._vnode_for(path, src, kind)
+                    v.stat = None
+                    return v
+                continue
+            try:
+                conn = self.ns.nodes.get(src.node)
+                client, gen = self._client(src.node)
+                fid, _ = await client.walk(conn.root, src.path)
+                try:
+                    s = await client.stat(fid)
+                except BaseException:
+                    self.nursery.start_soon(self._clunk, client, fid)
+                    raise
+            except NineError as e:
+                if err is None or err.ename == "ENOENT":
+                    err = e
+                continue
+            v = self._vnode_for(path, src, self._kind(s))
+            self._drop_fid(v)
+            v.fid, v.gen, v.stat = fid, gen, s
+            return v
+        raise err or NineError("ENOENT", "/".join(path))
+
+    # -- lookup and attributes -----------------------------------------------------------
+
+    @_fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._vnode(parent_inode)
+        name = os.fsdecode(name)
+        if name == ".":
+            v = parent
+        elif name == "..":
+            v = self.by_path.get(parent.path[:-1]) or parent
+        else:
+            v = await self._resolve((*parent.path, name))
+        v.nlookup += 1
+        return self._attrs(v)
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            v = self.vnodes.get(ino)
+            if v is None or ino == pyfuse3.ROOT_INODE:
+                continue
+            v.nlookup -= n
+            if v.nlookup <= 0:
+                del self.vnodes[ino]
+                if self.by_path.get(v.path) is v:
+                    del self.by_path[v.path]
+                self._drop_fid(v)
+
+    @_fuse_errors
+    async def getattr(self, inode, ctx=None):
+        v = self._vnode(inode)
+        if isinstance(v.src, NodeSrc):
+            client, fid = await self._fid(v)
+            v.stat = await client.stat(fid)
+        return self._attrs(v)
+
+    @_fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        v = self._vnode(inode)
+        if not isinstance(v.src, NodeSrc):
+            return self._attrs(v)  # the shell's O_TRUNC on /ctl: nothing to truncate
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode & 0o7777
+        if fields.update_size:
+            changes["size"] = attr.st_size
+        if fields.update_atime:
+            changes["atime"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime"] = attr.st_mtime_ns
+        if fields.update_uid or fields.update_gid:
+            raise NineError("EPERM", "ownership cannot change")
+        if not v.storage and set(changes) <= {"size", "atime", "mtime"}:
+            return self._attrs(v)  # truncating a ctl file: the shell's O_TRUNC is harmless
+        client, fid = await self._fid(v)
+        if changes:
+            await client.wstat(fid, **changes)
+        v.stat = await client.stat(fid)
+        return self._attrs(v)
+
+    @_fuse_errors
+    async def readlink(self, inode, ctx):
+        v = self._vnode(inode)
+        if not isinstance(v.src, NodeSrc):
+            raise NineError("EINVAL", "not a link")
+        client, fid = await self._fid(v)
+        return os.fsencode(await client.readlink(fid))
+
+    # -- directories -------------------------------------------------------------------
+
+    def _new_fh(self, of: OpenFile) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.files[fh] = of
+        return fh
+
+    async def _list_local(self, v: Vnode, src: LocalSrc) -> list[tuple[str, str]]:
+        names = [(n, "dir" if self.ns.local_kind((*src.path, n)) == "dir" else "file")
+                 for n in self.ns.local_names(src.path)]  # fmt: skip
+        if src.path == ("jobs",):
+            names.extend((j, "dir") for j in await self._cluster_jobs())
+        return names
+
+    async def _cluster_jobs(self) -> list[str]:
+        out: list[str] = []
+
+        async def one(name: str) -> None:
+            try:
+                client, _ = self._client(name)
+                with trio.fail_after(DATA_TIMEOUT):
+                    entries = await client.list_dir("/jobs")
+            except (NineError, trio.TooSlowError):
+                return
+            out.extend(f"{name}.{e.name}" for e in entries if e.name != "clone")
+
+        async with trio.open_nursery() as n:
+            for name in list(self.ns.nodes):
+                n.start_soon(one, name)
+        return sorted(out)
+
+    @_fuse_errors
+    async def opendir(self, inode, ctx):
+        v = self._vnode(inode)
+        seen: dict[str, tuple[pyfuse3.EntryAttributes, Vnode | None]] = {}
+        for name in self.ns.mount_points(v.path):
+            if name not in seen:
+                child = self.by_path.get((*v.path, name))
+                seen[name] = (self._dir_attrs(), child)
+        for src in self.ns.resolve(v.path):
+            if isinstance(src, LocalSrc):
+                for name, kind in await self._list_local(v, src):
+                    seen.setdefault(name, (self._local_attrs(kind), None))
+                continue
+            try:
+                client, gen = self._client(src.node)
+                entries = await client.list_dir("/" + "/".join(src.path))
+            except NineError as e:
+                if not seen and e.ename != "ENOENT":
+                    raise
+                continue
+            for s in entries:
+                if s.name in seen:
+                    continue
+                child = self._vnode_for((*v.path, s.name), NodeSrc(src.node, (*src.path, s.name)), self._kind(s))
+                child.stat = s
+                seen[s.name] = (self._attrs(child), child)
+        of = OpenFile(v, ctx.pid)
+        of.entries = [(name, a, c) for name, (a, c) in seen.items()]
+        return self._new_fh(of)
+
+    def _dir_attrs(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_mode, a.st_nlink, a.st_uid, a.st_gid = st.S_IFDIR | 0o555, 2, self.uid, self.gid
+        return a
+
+    def _local_attrs(self, kind: str) -> pyfuse3.EntryAttributes:
+        a = self._dir_attrs()
+        if kind != "dir":
+            a.st_mode, a.st_nlink = st.S_IFREG | 0o644, 1
+        return a
+
+    async def readdir(self, fh, start_id, token):
+        of = self.files[fh]
+        for i in range(start_id, len(of.entries)):
+            name, attrs, child = of.entries[i]
+            if child is None or self.vnodes.get(child.ino) is not child:
+                # readdirplus counts a lookup for each entry it returns: give it an inode
+                path = (*of.vnode.path, name)
+                srcs = self.ns.resolve(path)
+                src = srcs[0] if srcs else LocalSrc(path)
+                kind = "dir" if st.S_ISDIR(attrs.st_mode) else "file"
+                child = self._vnode_for(path, src, kind)
+                if isinstance(src, NodeSrc) and child.stat is None:
+                    child.stat = None
+                of.entries[i] = (name, attrs, child)
+            attrs.st_ino = child.ino
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
+                return
+            child.nlookup += 1
+
+    async def releasedir(self, fh):
+        self.files.pop(fh, None)
+
+    # -- files -------------------------------------------------------------------------
+
+    @_fuse_errors
+    async def open(self, inode, flags, ctx):
+        v = self._vnode(inode)
+        if v.kind == "dir":
+            raise NineError("EISDIR", "is a directory")
+        of = OpenFile(v, ctx.pid)
+        if isinstance(v.src, LocalSrc):
+            await self._open_local(of, v.src.path, flags)
+            return pyfuse3.FileInfo(fh=self._new_fh(of), direct_io=True, keep_cache=False)
+        client, gen, fid = await self._clone(v)
+        try:
+            r = await client.open(fid, _mode_9p(flags))
+        except BaseException:
+            self.nursery.start_soon(self._clunk, client, fid)
+            raise
+        of.node, of.gen, of.fid, of.flags = v.src.node, gen, fid, r.flags
+        synthetic = bool(r.flags & m.OF_SYNTHETIC) or not v.storage
+        keep = not synthetic and v.version == r.qid.version
+        v.version = r.qid.version
+        return pyfuse3.FileInfo(
+            fh=self._new_fh(of), direct_io=synthetic, keep_cache=keep, nonseekable=bool(r.flags & m.OF_STREAM)
+        )
+
+    async def _open_local(self, of: OpenFile, path: Path_, flags: int) -> None:
+        writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+        reading = flags & os.O_ACCMODE in (os.O_RDONLY, os.O_RDWR)
+        if path == ("nodes",):
+            if writing:
+                raise NineError("EACCES", "/nodes is read-only")
+            of.data = self.ns.nodes_text().encode()
+        elif path == ("ctl",):
+            of.writer = self.ns.ctl
+            if reading:
+                of.data = "".join(f"mount {c.addr} {c.name}\n" for c in self.ns.nodes.values()).encode()
+        elif path == ("jobs", "clone"):
+            if writing:
+                raise NineError("EACCES", "clone is read-only")
+            job = await self.ns.clone()
+            of.data = f"{job.id}\n".encode()
+        elif len(path) == 3 and path[0] == "jobs" and path[2] == "ctl":
+            jid = path[1]
+            of.writer = functools.partial(self.ns.job_ctl_write, jid)
+            if reading:
+                of.data = await self.ns.job_ctl_read(jid)
+        else:
+            raise NineError("EISDIR", "is a directory")
+
+    def _open_file(self, fh: int) -> tuple[OpenFile, Client | None]:
+        of = self.files.get(fh)
+        if of is None:
+            raise NineError("EBADF", "bad handle")
+        if of.fid is None:
+            return of, None
+        conn = self.ns.nodes.get(of.node)
+        if conn is None or conn.client is None or conn.gen != of.gen or conn.client.closed.is_set():
+            raise NineError("EIO", f"the connection to {of.node} that opened this file is gone")
+        return of, conn.client
+
+    @_fuse_errors
+    async def read(self, fh, off, size):
+        of, client = self._open_file(fh)
+        if client is None:
+            return of.data[off : off + size]
+        if not of.flags & m.OF_STREAM:
+            return await client.read(of.fid, off, size)
+        data = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                while True:
+                    await trio.sleep(SIGNAL_POLL)
+                    if signalled(of.pid):
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            data = await client.read(of.fid, off, size, timeout=None)
+            nursery.cancel_scope.cancel()
+        if data is None:
+            raise NineError("EINTR", "interrupted")
+        return data
+
+    @_fuse_errors
+    async def write(self, fh, off, buf):
+        of, client = self._open_file(fh)
+        if client is None:
+            if of.writer is None:
+                raise NineError("EBADF", "not open for writing")
+            try:
+                text = bytes(buf).decode()
+            except UnicodeDecodeError:
+                raise NineError("EINVAL", "ctl text must be UTF-8") from None
+            await of.writer(text)
+            return len(buf)
+        return await client.write(of.fid, off, buf)
+
+    async def flush(self, fh):
+        return None
+
+    @_fuse_errors
+    async def fsync(self, fh, datasync):
+        of, client = self._open_file(fh)
+        if client is not None:
+            await client.fsync(of.fid)
+
+    async def release(self, fh):
+        of = self.files.pop(fh, None)
+        if of is None or of.fid is None:
+            return
+        conn = self.ns.nodes.get(of.node)
+        if conn is not None and conn.client is not None and conn.gen == of.gen:
+            self.nursery.start_soon(self._clunk, conn.client, of.fid)
+
+    # -- changes -----------------------------------------------------------------------
+
+    def _node_dir(self, parent_inode: int) -> Vnode:
+        parent = self._vnode(parent_inode)
+        if not isinstance(parent.src, NodeSrc):
+            raise NineError("EACCES", "the namespace's own directories cannot change this way")
+        return parent
+
+    async def _entry(self, parent: Vnode, name: str) -> Vnode:
+        v = await self._resolve((*parent.path, name))
+        v.nlookup += 1
+        return v
+
+    @_fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent = self._node_dir(parent_inode)
+        name = os.fsdecode(name)
+        client, gen, fid = await self._clone(parent)
+        try:
+            r = await client.create(fid, name, mode & 0o7777, _mode_9p(flags))
+        except BaseException:
+            self.nursery.start_soon(self._clunk, client, fid)
+            raise
+        path = (*parent.path, name)
+        v = self._vnode_for(path, NodeSrc(parent.src.node, (*parent.src.path, name)), "file")
+        v.stat = await client.stat(fid)
+        v.version = r.qid.version
+        v.nlookup += 1
+        of = OpenFile(v, ctx.pid, parent.src.node, gen, fid, r.flags)
+        synthetic = not v.storage
+        info = pyfuse3.FileInfo(fh=self._new_fh(of), direct_io=synthetic, keep_cache=False)
+        return info, self._attrs(v)
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        parent = self._node_dir(parent_inode)
+        name = os.fsdecode(name)
+        client, _, fid = await self._clone(parent)
+        try:
+            await client.create(fid, name, m.DMDIR | (mode & 0o7777), m.OREAD)
+        finally:
+            self.nursery.start_soon(self._clunk, client, fid)
+        return self._attrs(await self._entry(parent, name))
+
+    async def _remove(self, parent_inode: int, name: bytes) -> None:
+        parent = self._node_dir(parent_inode)
+        path = (*parent.path, os.fsdecode(name))
+        v = await self._resolve(path)
+        client, fid = await self._fid(v)
+        v.fid, v.gen = None, -1  # Tremove clunks it, whatever the outcome
+        await client.remove(fid)
+        if self.by_path.get(path) is v:
+            del self.by_path[path]
+
+    @_fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self._remove(parent_inode, name)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._remove(parent_inode, name)
+
+    @_fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags:
+            raise NineError("EINVAL", "rename flags are not supported")
+        old_parent = self._node_dir(parent_inode_old)
+        new_parent = self._node_dir(parent_inode_new)
+        old_path = (*old_parent.path, os.fsdecode(name_old))
+        new_name = os.fsdecode(name_new)
+        v = await self._resolve(old_path)
+        if v.src.node != new_parent.src.node:
+            raise NineError("EXDEV", "rename across nodes")
+        client, fid = await self._fid(v)
+        _, dfid = await self._fid(new_parent)
+        await client.rename(fid, dfid, new_name)
+        # the kernel moves its dentry; move ours, and everything below it
+        new_path = (*new_parent.path, new_name)
+        new_src_path = (*new_parent.src.path, new_name)
+        gone = self.by_path.pop(new_path, None)
+        if gone is not None and gone is not v:
+            self._drop_fid(gone)
+        n = len(old_path)
+        for p in [p for p in self.by_path if p[:n] == old_path]:
+            w = self.by_path.pop(p)
+            w.path = new_path + p[n:]
+            w.src = NodeSrc(v.src.node, new_src_path + w.src.path[len(v.src.path) :]) if w is not v else w.src
+            self.by_path[w.path] = w
+        v.src = NodeSrc(v.src.node, new_src_path)
+
+    @_fuse_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        parent = self._node_dir(parent_inode)
+        name = os.fsdecode(name)
+        client, fid = await self._fid(parent)
+        await client.symlink(fid, name, os.fsdecode(target))
+        return self._attrs(await self._entry(parent, name))
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_fuse_errors
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        for conn in self.ns.nodes.values():
+            if conn.state != "up":
+                continue
+            try:
+                client, _ = conn.get()
+                fid, _ = await client.walk(conn.root, ["storage"])
+                try:
+                    fs = await client.statfs(fid)
+                finally:
+                    self.nursery.start_soon(self._clunk, client, fid)
+            except NineError:
+                continue
+            s.f_bsize, s.f_frsize = fs.bsize, fs.bsize
+            s.f_blocks, s.f_bfree, s.f_bavail = fs.blocks, fs.bfree, fs.bavail
+            s.f_files, s.f_ffree, s.f_favail = fs.files, fs.ffree, fs.ffree
+            break
+        return s

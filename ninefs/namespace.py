@@ -1,0 +1,360 @@
+"""The user's namespace: a mount table with Plan 9's mount and bind, and the cluster files.
+
+A namespace path (a tuple of names) resolves to an ordered list of places, each either a
+path in one node's tree (``NodeSrc``) or a file the namespace makes itself (``LocalSrc``:
+the root, /n, /nodes, /ctl, /jobs, /jobs/clone, and each cluster job's ctl). A union
+directory is a mount-table entry with several places: a lookup takes the first place that
+has the name, a listing merges them (first wins), and creation goes to the first.
+
+    mount ADDR NAME        the node at ADDR appears at /n/NAME
+    bind [-a|-b] OLD NEW   what is at OLD appears at NEW too: replacing it, or after (-a)
+                           or before (-b) what NEW shows already (a union)
+    unmount NAME           /n/NAME goes away (and the connection with it)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nacl.signing
+import trio
+
+from ninefs.protocol.errors import NineError
+from ninefs.protocol.keys import KnownNodes
+from ninefs.protocol.transport import parse_addr
+from ninefs.servers.toolkit import Cmd, parse_ctl
+
+from .nodes import NodeConn
+
+log = logging.getLogger(__name__)
+
+Path_ = tuple[str, ...]
+MAX_BIND_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class NodeSrc:
+    node: str
+    path: Path_
+
+
+@dataclass(frozen=True)
+class LocalSrc:
+    path: Path_
+
+
+@dataclass(frozen=True)
+class BindSrc:
+    """A namespace path, resolved each time (so mounts made later under it show)."""
+
+    path: Path_
+
+
+Src = NodeSrc | LocalSrc | BindSrc
+
+
+def split(path: str) -> Path_:
+    return tuple(p for p in path.split("/") if p and p != ".")
+
+
+@dataclass
+class ClusterJob:
+    """A job made through /jobs/clone: where it runs, and what its ctl was told before exec."""
+
+    id: str
+    node: str
+    rid: str
+    constraints: dict[str, str] = field(default_factory=dict)
+    restart: bool = False
+    log: list[str] = field(default_factory=list)
+    started: bool = False
+    restarts: int = 0
+
+
+class Namespace:
+    def __init__(self, identity: nacl.signing.SigningKey, user: str, known: KnownNodes | None) -> None:
+        self.identity, self.user, self.known = identity, user, known
+        self.nodes: dict[str, NodeConn] = {}
+        self.table: dict[Path_, list[Src]] = {(): [LocalSrc(())]}
+        self.jobs: dict[str, ClusterJob] = {}
+        self._placed: dict[str, int] = {}  # jobs placed per node since its facts were read
+        self._nursery: trio.Nursery | None = None
+        self.ctl_table = {
+            "mount": Cmd(self._ctl_mount, 2, 2, "ADDR NAME"),
+            "unmount": Cmd(self._ctl_unmount, 1, 1, "NAME"),
+            "bind": Cmd(self._ctl_bind, 2, 3, "[-a|-b] OLD NEW"),
+        }
+
+    # -- life --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def mount(self, addr: str, name: str) -> NodeConn:
+        parse_addr(addr)
+        if not name or "/" in name or name in (".", ".."):
+            raise NineError("EINVAL", f"bad node name {name!r}")
+        if name in self.nodes:
+            raise NineError("EEXIST", f"node {name} is already mounted")
+        assert self._nursery is not None, "Namespace.run must be started first"
+        conn = NodeConn(name, addr, self.identity, self.user, self.known)
+        self.nodes[name] = conn
+        self.table[("n", name)] = [NodeSrc(name, ())]
+        await self._nursery.start(conn.run)
+        return conn
+
+    def unmount(self, name: str) -> None:
+        conn = self.nodes.pop(name, None)
+        if conn is None:
+            raise NineError("ENOENT", f"no node {name} is mounted")
+        conn.stop()
+        self.table.pop(("n", name), None)
+
+    def bind(self, old: str, new: str, flag: str = "") -> None:
+        o, n = split(old), split(new)
+        if not n:
+            raise NineError("EINVAL", "cannot bind over the root")
+        if o == n:
+            raise NineError("EINVAL", "OLD and NEW are the same")
+        if not self.resolve(o):
+            raise NineError("ENOENT", f"{old}: nothing there")
+        src: Src = BindSrc(o)
+        if flag == "":
+            self.table[n] = [src]
+        else:
+            current = self.table.get(n) or self.resolve(n)
+            self.table[n] = [*current, src] if flag == "-a" else [src, *current]
+
+    async def load(self, lines: Iterable[str], origin: str = "namespace") -> None:
+        """Apply a namespace file: ``mount ADDR NAME`` and ``bind [-a|-b] OLD NEW`` lines."""
+        for n, line in enumerate(lines, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            try:
+                await self.ctl(line)
+            except NineError as e:
+                raise NineError("EINVAL", f"{origin}:{n}: {e.message}") from None
+
+    async def load_file(self, path: Path) -> None:
+        await self.load(path.read_text().splitlines(), str(path))
+
+    # -- /ctl --------------------------------------------------------------------------
+
+    async def ctl(self, text: str) -> None:
+        for cmd, args in parse_ctl(text, self.ctl_table):
+            await cmd.fn(None, args)
+
+    async def _ctl_mount(self, _ctx: object, args: list[str]) -> None:
+        try:
+            await self.mount(args[0], args[1])
+        except ValueError as e:
+            raise NineError("EINVAL", str(e)) from None
+
+    async def _ctl_unmount(self, _ctx: object, args: list[str]) -> None:
+        self.unmount(args[0])
+
+    async def _ctl_bind(self, _ctx: object, args: list[str]) -> None:
+        flag = ""
+        if len(args) == 3:
+            flag = args.pop(0)
+            if flag not in ("-a", "-b"):
+                raise NineError("EINVAL", f"bind: unknown flag {flag!r}; use -a or -b")
+        self.bind(args[0], args[1], flag)
+
+    # -- resolution --------------------------------------------------------------------
+
+    def resolve(self, path: Path_, depth: int = 0) -> list[NodeSrc | LocalSrc]:
+        """The places that show at ``path``, in union order."""
+        if depth > MAX_BIND_DEPTH:
+            return []
+        if len(path) >= 2 and path[0] == "jobs" and path[1] != "clone":
+            job = self.job(path[1])
+            if job is None:
+                return []
+            if path[2:] == ("ctl",):
+                return [LocalSrc(path)]
+            return [NodeSrc(job.node, ("jobs", job.rid, *path[2:]))]
+        for i in range(len(path), -1, -1):
+            srcs = self.table.get(path[:i])
+            if srcs is None:
+                continue
+            rest, out = path[i:], []
+            for s in srcs:
+                if isinstance(s, BindSrc):
+                    out.extend(self.resolve(s.path + rest, depth + 1))
+                elif isinstance(s, NodeSrc):
+                    out.append(NodeSrc(s.node, s.path + rest))
+                else:
+                    out.append(LocalSrc(s.path + rest))
+            return out
+        return []
+
+    def mount_points(self, path: Path_) -> list[str]:
+        """Names that mount-table entries add directly under ``path``."""
+        n = len(path)
+        return sorted({k[n] for k in self.table if len(k) == n + 1 and k[:n] == path})
+
+    # -- the namespace's own files -------------------------------------------------------
+
+    LOCAL_DIRS = {(), ("n",), ("jobs",)}
+    LOCAL_FILES = {("nodes",), ("ctl",), ("jobs", "clone")}
+
+    def local_kind(self, path: Path_) -> str | None:
+        """'dir', 'file' or None for a LocalSrc path."""
+        if path in self.LOCAL_DIRS:
+            return "dir"
+        if path in self.LOCAL_FILES:
+            return "file"
+        if len(path) == 3 and path[0] == "jobs" and path[2] == "ctl" and self.job(path[1]):
+            return "file"
+        return None
+
+    def local_names(self, path: Path_) -> list[str]:
+        if path == ():
+            return ["n", "nodes", "jobs", "ctl"]
+        if path == ("jobs",):
+            return ["clone"]
+        return []
+
+    def nodes_text(self) -> str:
+        now = time.time()
+        lines = []
+        for n in sorted(self.nodes.values(), key=lambda c: c.name):
+            f = n.facts
+            line = (f"{n.name:<8} {n.addr:<21} {n.state:<7} load {f.load:.2f}  cpu {f.ncpu}  "
+                    f"mem {f.mem_free / 2**30:.1f}G free  jobs {f.jobs}")  # fmt: skip
+            if n.state != "up":
+                line += f"  since {time.strftime('%H:%M:%S', time.localtime(n.since))} ({int(now - n.since)}s)"
+            lines.append(line + "\n")
+        return "".join(lines)
+
+    # -- cluster jobs ------------------------------------------------------------------
+
+    def job(self, jid: str) -> ClusterJob | None:
+        """A cluster job by id; ids of jobs made elsewhere (``node.N``) are understood too."""
+        j = self.jobs.get(jid)
+        if j is None:
+            node, dot, rid = jid.partition(".")
+            if dot and node in self.nodes and rid.isdigit():
+                j = ClusterJob(jid, node, rid, started=True)
+        return j
+
+    def _fits(self, conn: NodeConn, c: dict[str, str]) -> bool:
+        if conn.state != "up":
+            return False
+        if "node" in c and conn.name != c["node"]:
+            return False
+        if "label" in c and c["label"] not in conn.facts.labels:
+            return False
+        return True
+
+    def place(self, constraints: dict[str, str] | None = None, avoid: str = "") -> NodeConn:
+        """The node that fits best: up, meets the constraints, least load per cpu."""
+        c = constraints or {}
+        fits = [n for n in self.nodes.values() if self._fits(n, c) and n.name != avoid]
+        if not fits:
+            why = " ".join(f"{k} {v}" for k, v in c.items()) or "any node"
+            raise NineError("EHOSTDOWN", f"no node that is up fits: {why}")
+
+        def score(n: NodeConn) -> tuple[float, str]:
+            cpus = max(n.facts.ncpu, 1)
+            return ((n.facts.load + n.facts.jobs + self._placed.get(n.name, 0)) / cpus, n.name)
+
+        best = min(fits, key=score)
+        self._placed[best.name] = self._placed.get(best.name, 0) + 1
+        return best
+
+    def facts_refreshed(self, node: str) -> None:
+        self._placed.pop(node, None)
+
+    async def clone(self, constraints: dict[str, str] | None = None, avoid: str = "") -> ClusterJob:
+        conn = self.place(constraints, avoid)
+        client, _ = conn.get()
+        rid = (await client.read_file("/jobs/clone")).decode().strip()
+        job = ClusterJob(f"{conn.name}.{rid}", conn.name, rid)
+        self.jobs[job.id] = job
+        return job
+
+    async def job_ctl_read(self, jid: str) -> bytes:
+        job = self.job(jid)
+        if job is None:
+            raise NineError("ENOENT", f"no job {jid}")
+        client, _ = self.nodes[job.node].get()
+        return await client.read_file(f"/jobs/{job.rid}/ctl")
+
+    async def job_ctl_write(self, jid: str, text: str) -> None:
+        """A cluster job's ctl: placement words are ours, the rest goes to the node."""
+        job = self.job(jid)
+        if job is None:
+            raise NineError("ENOENT", f"no job {jid}")
+        for line in text.splitlines():
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            if words[0] in ("node", "label"):
+                if len(words) != 2:
+                    raise NineError("EINVAL", f"usage: {words[0]} {'NAME' if words[0] == 'node' else 'LABEL'}")
+                if job.started:
+                    raise NineError("EINVAL", f"{words[0]}: the job has started already")
+                job.constraints[words[0]] = words[1]
+                continue
+            if words[0] == "restart":
+                if words[1:] != ["on-failure"]:
+                    raise NineError("EINVAL", "usage: restart on-failure")
+                job.restart = True
+                continue
+            if words[0] in ("exec", "run") and not job.started:
+                await self._ensure_placement(job)
+            await self._forward(job, line)
+            if words[0] in ("exec", "run"):
+                job.started = True
+            if not job.started or words[0] in ("exec", "run"):
+                job.log.append(line)
+
+    async def _forward(self, job: ClusterJob, line: str) -> None:
+        client, _ = self.nodes[job.node].get()
+        await client.write_file(f"/jobs/{job.rid}/ctl", (line + "\n").encode())
+
+    async def _ensure_placement(self, job: ClusterJob) -> None:
+        conn = self.nodes.get(job.node)
+        if conn is not None and self._fits(conn, job.constraints):
+            return
+        await self._replace(job)
+
+    async def _replace(self, job: ClusterJob, avoid: str = "") -> None:
+        """Move a job that has not run (or must run again) to a node that fits: a new job
+        there, told what this one was told, and the old one removed."""
+        old_node, old_rid = job.node, job.rid
+        conn = self.place(job.constraints, avoid)
+        client, _ = conn.get()
+        rid = (await client.read_file("/jobs/clone")).decode().strip()
+        job.node, job.rid = conn.name, rid
+        for line in job.log:
+            await self._forward(job, line)
+        old = self.nodes.get(old_node)
+        if old is not None and old.state == "up":
+            try:
+                oc, _ = old.get()
+                await oc.write_file(f"/jobs/{old_rid}/ctl", b"rm\n")
+            except NineError:
+                pass
+        self.jobs[f"{conn.name}.{rid}"] = job
+        log.info("job %s moved from %s.%s to %s.%s", job.id, old_node, old_rid, conn.name, rid)
+
+    async def restart_lost_jobs(self, node: str) -> None:
+        """Jobs with ``restart on-failure`` whose node went down start again elsewhere."""
+        for job in {id(j): j for j in self.jobs.values()}.values():
+            if job.node == node and job.restart and job.started:
+                try:
+                    await self._replace(job, avoid=node)
+                    job.restarts += 1
+                except NineError as e:
+                    log.warning("job %s could not be restarted: %s", job.id, e.message)
