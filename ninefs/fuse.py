@@ -97,7 +97,9 @@ def signalled(pid: int) -> bool:
         return True
     except OSError:
         return False
-    pending = int(fields.get("SigPnd", "0").strip(), 16) | int(fields.get("ShdPnd", "0").strip(), 16)
+    pending = int(fields.get("SigPnd", "0").strip(), 16) | int(
+        fields.get("ShdPnd", "0").strip(), 16
+    )
     return bool(pending & ~int(fields.get("SigBlk", "0").strip(), 16))
 
 
@@ -379,7 +381,9 @@ class NinefsOps(pyfuse3.Operations):
             for s in entries:
                 if s.name in seen:
                     continue
-                child = self._vnode_for((*v.path, s.name), NodeSrc(src.node, (*src.path, s.name)), self._kind(s))
+                child = self._vnode_for(
+                    (*v.path, s.name), NodeSrc(src.node, (*src.path, s.name)), self._kind(s)
+                )
                 child.stat = s
                 seen[s.name] = (self._attrs(child), child)
         of = OpenFile(v, ctx.pid)
@@ -441,7 +445,10 @@ class NinefsOps(pyfuse3.Operations):
         keep = not synthetic and v.version == r.qid.version
         v.version = r.qid.version
         return pyfuse3.FileInfo(
-            fh=self._new_fh(of), direct_io=synthetic, keep_cache=keep, nonseekable=bool(r.flags & m.OF_STREAM)
+            fh=self._new_fh(of),
+            direct_io=synthetic,
+            keep_cache=keep,
+            nonseekable=bool(r.flags & m.OF_STREAM),
         )
 
     async def _open_local(self, of: OpenFile, path: Path_, flags: int) -> None:
@@ -454,7 +461,9 @@ class NinefsOps(pyfuse3.Operations):
         elif path == ("ctl",):
             of.writer = self.ns.ctl
             if reading:
-                of.data = "".join(f"mount {c.addr} {c.name}\n" for c in self.ns.nodes.values()).encode()
+                of.data = "".join(
+                    f"mount {c.addr} {c.name}\n" for c in self.ns.nodes.values()
+                ).encode()
         elif path == ("jobs", "clone"):
             if writing:
                 raise NineError("EACCES", "clone is read-only")
@@ -619,7 +628,11 @@ class NinefsOps(pyfuse3.Operations):
         for p in [p for p in self.by_path if p[:n] == old_path]:
             w = self.by_path.pop(p)
             w.path = new_path + p[n:]
-            w.src = NodeSrc(v.src.node, new_src_path + w.src.path[len(v.src.path) :]) if w is not v else w.src
+            w.src = (
+                NodeSrc(v.src.node, new_src_path + w.src.path[len(v.src.path) :])
+                if w is not v
+                else w.src
+            )
             self.by_path[w.path] = w
         v.src = NodeSrc(v.src.node, new_src_path)
 

@@ -38,7 +38,9 @@ class MountError(Exception):
 
 def check_mountpoint(path: Path) -> None:
     if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3")
+        raise MountError(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3"
+        )
     if not path.exists():
         raise MountError(f"mountpoint {path} does not exist")
     if not path.is_dir():
@@ -128,7 +130,9 @@ def read_namespace(path: Path) -> list[str]:
     try:
         return path.read_text().splitlines()
     except FileNotFoundError:
-        raise MountError(f"no namespace file at {path}: write `mount HOST:PORT NAME` lines there") from None
+        raise MountError(
+            f"no namespace file at {path}: write `mount HOST:PORT NAME` lines there"
+        ) from None
 
 
 def mount_main(args: argparse.Namespace) -> None:
@@ -164,7 +168,17 @@ def _background(args: argparse.Namespace, mountpoint: Path) -> None:
     logfile = Path(args.log) if args.log else config.home() / "mount.log"
     logfile.parent.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "ninefs", "-v", "mount", str(mountpoint), "-f", "--user", args.user]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ninefs",
+        "-v",
+        "mount",
+        str(mountpoint),
+        "-f",
+        "--user",
+        args.user,
+    ]
     if args.ns:
         cmd += ["--ns", args.ns]
     env = dict(os.environ, NINEFS_READY_FD=str(w))

@@ -76,7 +76,9 @@ class ClusterJob:
 
 
 class Namespace:
-    def __init__(self, identity: nacl.signing.SigningKey, user: str, known: KnownNodes | None) -> None:
+    def __init__(
+        self, identity: nacl.signing.SigningKey, user: str, known: KnownNodes | None
+    ) -> None:
         self.identity, self.user, self.known = identity, user, known
         self.nodes: dict[str, NodeConn] = {}
         self.table: dict[Path_, list[Src]] = {(): [LocalSrc(())]}
@@ -301,7 +303,9 @@ class Namespace:
                 continue
             if words[0] in ("node", "label"):
                 if len(words) != 2:
-                    raise NineError("EINVAL", f"usage: {words[0]} {'NAME' if words[0] == 'node' else 'LABEL'}")
+                    raise NineError(
+                        "EINVAL", f"usage: {words[0]} {'NAME' if words[0] == 'node' else 'LABEL'}"
+                    )
                 if job.started:
                     raise NineError("EINVAL", f"{words[0]}: the job has started already")
                 job.constraints[words[0]] = words[1]

@@ -58,7 +58,9 @@ class NodeConn:
 
     def _set(self, state: str, error: str = "") -> None:
         if state != self.state:
-            log.info("node %s (%s): %s%s", self.name, self.addr, state, f" ({error})" if error else "")
+            log.info(
+                "node %s (%s): %s%s", self.name, self.addr, state, f" ({error})" if error else ""
+            )
             self.state, self.since = state, time.time()
             self.changed.set()
             self.changed = trio.Event()
@@ -66,7 +68,11 @@ class NodeConn:
 
     def get(self) -> tuple[Client, int]:
         """The client of a node that is up, or EHOSTDOWN at once."""
-        if self.client is None or self.state not in ("up", "suspect") or self.client.closed.is_set():
+        if (
+            self.client is None
+            or self.state not in ("up", "suspect")
+            or self.client.closed.is_set()
+        ):
             raise NineError("EHOSTDOWN", f"node {self.name} is {self.state}")
         return self.client, self.gen
 
@@ -95,7 +101,13 @@ class NodeConn:
                     self._set("down", str(e))
                     log.error("%s", e)
                     backoff = BACKOFF_MAX
-                except (OSError, ProtocolError, ConnectionClosed, NineError, trio.TooSlowError) as e:
+                except (
+                    OSError,
+                    ProtocolError,
+                    ConnectionClosed,
+                    NineError,
+                    trio.TooSlowError,
+                ) as e:
                     self._set("down", str(e) or type(e).__name__)
                 finally:
                     self.client = None

@@ -117,3 +117,65 @@ def make_node(
     env.pop("NINEFS_HOME", None)
     env["PYTHONUNBUFFERED"] = "1"
     return NodeProc(name, state, export, list(args), env)
+
+
+@dataclass
+class MountProc:
+    """``ninefs mount -f`` in a subprocess, ready when it writes to the pipe we gave it."""
+
+    mountpoint: Path
+    ns_file: Path
+    home: Path
+    proc: subprocess.Popen | None = None
+    log: Path = field(default_factory=Path)
+
+    def start(self) -> MountProc:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        r, w = os.pipe()
+        env = dict(
+            os.environ, NINEFS_HOME=str(self.home), NINEFS_READY_FD=str(w), PYTHONUNBUFFERED="1"
+        )
+        self.log = self.mountpoint.parent / f"mount-{self.mountpoint.name}.log"
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ninefs", "-v", "mount", str(self.mountpoint), "-f", "--ns", str(self.ns_file)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env, pass_fds=(w,), start_new_session=True,
+            )  # fmt: skip
+        os.close(w)
+        try:
+            ready, _, _ = select.select([r], [], [], READY_TIMEOUT)
+            line = os.read(r, 4096) if ready else b""
+        finally:
+            os.close(r)
+        if not line:
+            self.stop()
+            raise RuntimeError(f"mount did not start: {self.log.read_text()[-3000:]}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Unmount and end the process, whatever state it is in (tests call this on failure)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        force_unmount(self.mountpoint)
+
+
+def force_unmount(mountpoint: Path) -> None:
+    """Detach a mount even if its daemon is dead or hung (never stat the mountpoint first)."""
+    with open("/proc/self/mountinfo") as f:
+        mounted = [ln.split() for ln in f if ln.split()[4] == str(mountpoint)]
+    for parts in mounted:
+        minor = parts[2].split(":")[1]
+        abort = Path(f"/sys/fs/fuse/connections/{minor}/abort")
+        if abort.exists():
+            abort.write_text("1")
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def write_namespace(path: Path, nodes: list[NodeProc]) -> Path:
+    path.write_text("".join(f"mount {n.addr} {n.name}\n" for n in nodes))
+    return path

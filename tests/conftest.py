@@ -10,7 +10,7 @@ import pytest
 from ninefs.protocol.client import Client, connect
 from ninefs.protocol.keys import KnownNodes
 
-from .cluster import Identity, NodeProc, make_identity, make_node
+from .cluster import Identity, MountProc, NodeProc, make_identity, make_node, write_namespace
 
 
 @pytest.fixture
@@ -38,3 +38,28 @@ async def client(node: NodeProc, identity: Identity) -> AsyncIterator[Client]:
         node.addr, identity.key, identity.user, KnownNodes(identity.home / "known_nodes")
     ) as c:
         yield c
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, identity: Identity) -> Iterator[list[NodeProc]]:
+    """Three node daemons (n1, n2, n3) admitting ``identity``; all stopped afterwards."""
+    nodes = [make_node(tmp_path, f"n{i}", identity) for i in (1, 2, 3)]
+    try:
+        for n in nodes:
+            n.start()
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.fixture
+def mount(tmp_path: Path, identity: Identity, cluster: list[NodeProc]) -> Iterator[Path]:
+    """The three-node cluster mounted with FUSE; unmounted afterwards even if the test fails."""
+    ns = write_namespace(tmp_path / "namespace", cluster)
+    mp = MountProc(tmp_path / "mnt", ns, identity.home)
+    try:
+        mp.start()
+        yield mp.mountpoint
+    finally:
+        mp.stop()
