@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import time
 
 # In the order they run. Each entry is a module of this package.
 WORKLOADS: list[str] = [
     "protocol",  # the wire alone: sealed vs plain, latency and throughput over loopback TCP
+    "seqio",  # sequential read/write through the mount vs sshfs and the local disk
+    "meta",  # ls -l, stat, open-read-close of many small files vs sshfs
+    "jobs",  # synthetic read latency, job launch vs ssh, jobs/s across 3 nodes
+    "scale",  # 32 and 100 nodes in one namespace
 ]
 
 
@@ -29,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated workload names (see --list)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every workload's mounts, sshd and daemons are stopped
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     if args.list:
         for name in WORKLOADS:

@@ -98,6 +98,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         state=Path(args.state),
         labels=args.label or [],
         keep=args.keep,
+        allow_root_jobs=args.allow_root_jobs,
+        max_connections=args.max_connections,
+        max_user_connections=args.max_user_connections,
+        max_user_jobs=args.max_user_jobs,
     )
     main(cfg)
 
@@ -205,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", action="append", help="a label for placement (repeatable)")
     s.add_argument(
         "--keep", type=float, default=3600.0, help="seconds a finished job is kept (default 3600)"
+    )
+    s.add_argument(
+        "--allow-root-jobs",
+        action="store_true",
+        help="when running as root, let a user who maps to root (or to no account) run jobs as root",
+    )
+    s.add_argument("--max-connections", type=int, default=256, help="in all (default 256)")
+    s.add_argument("--max-user-connections", type=int, default=64, help="per user (default 64)")
+    s.add_argument(
+        "--max-user-jobs", type=int, default=64, help="unfinished jobs per user (default 64)"
     )
     s.set_defaults(fn=cmd_serve)
 

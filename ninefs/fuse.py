@@ -19,13 +19,15 @@ import functools
 import logging
 import os
 import stat as st
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
 from ninefs.protocol import messages as m
-from ninefs.protocol.client import DATA_TIMEOUT, Client
+from ninefs.protocol.client import META_TIMEOUT, Client
 from ninefs.protocol.errors import NineError
 
 from .namespace import LocalSrc, Namespace, NodeSrc, Path_
@@ -35,7 +37,10 @@ log = logging.getLogger(__name__)
 STORAGE_TTL = 1.0  # seconds the kernel may cache storage attributes and entries
 ENTRY_TTL = 1.0  # synthetic names are stable; their contents are never cached
 SIGNAL_POLL = 0.2
+CONNECT_WAIT = 5.0  # seconds a `mount` written to /ctl waits for the node to connect
+NODE_WATCH = 1.0  # seconds between looks for newly mounted nodes (changes wake us at once)
 BLKSIZE = 1 << 20
+RENAME_NOREPLACE = 1  # renameat2's flag (pyfuse3 passes the flags through)
 
 
 @dataclass(eq=False)
@@ -65,7 +70,10 @@ class OpenFile:
     flags: int = 0  # OF_* from Ropen
     data: bytes = b""  # a local file's snapshot
     writer: object = None  # a local file's write callback
-    entries: list[tuple[str, pyfuse3.EntryAttributes, Vnode | None]] = field(default_factory=list)
+    # a directory's listing: name, place (None: resolve it when listed), kind, node's stat
+    entries: list[tuple[str, NodeSrc | LocalSrc | None, str, m.Stat | None]] = field(
+        default_factory=list
+    )
 
 
 def _fuse_errors(fn):
@@ -123,12 +131,76 @@ class NinefsOps(pyfuse3.Operations):
         self.ns = ns
         self.nursery = nursery
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.started_ns = time.time_ns()  # the times of the namespace's own files
         root = Vnode(pyfuse3.ROOT_INODE, (), LocalSrc(()), "dir", nlookup=1)
         self.vnodes: dict[int, Vnode] = {root.ino: root}
         self.by_path: dict[Path_, Vnode] = {(): root}
         self.files: dict[int, OpenFile] = {}
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._next_fh = 1
+        self.on_init: Callable[[], None] | None = None  # runs once FUSE_INIT is answered
+
+    def init(self) -> None:
+        # libfuse sends the INIT reply (which caps the kernel's readahead) after this
+        # returns, so what must come after it runs in a task of its own
+        if self.on_init is not None:
+            self.nursery.start_soon(trio.to_thread.run_sync, self.on_init)
+        self.nursery.start_soon(self._watch_nodes)
+
+    async def _watch_nodes(self) -> None:
+        """When a node goes down or comes back on a new connection, the kernel forgets the
+        names and attributes it cached for that node's files, so that the next lookup asks
+        us (EHOSTDOWN at once while it is down, fresh facts once it is back)."""
+        seen: dict[str, tuple[bool, int]] = {}
+
+        async def changed(event: trio.Event, scope: trio.CancelScope) -> None:
+            await event.wait()
+            scope.cancel()
+
+        while True:
+            events = []
+            for name, conn in list(self.ns.nodes.items()):
+                events.append(conn.changed)
+                now = (conn.state == "down", conn.gen)
+                if seen.setdefault(name, now) != now:
+                    seen[name] = now
+                    self.nursery.start_soon(self._invalidate_node, name)
+            with trio.move_on_after(NODE_WATCH):  # also picks up nodes mounted since
+                async with trio.open_nursery() as n:
+                    for event in events:
+                        n.start_soon(changed, event, n.cancel_scope)
+
+    async def _invalidate_node(self, node: str) -> None:
+        inos, entries = [], []
+        for v in list(self.vnodes.values()):
+            if isinstance(v.src, NodeSrc) and v.src.node == node:
+                inos.append(v.ino)
+                parent = self.by_path.get(v.path[:-1])
+                # Only names in the node's own directories: invalidating a name locks its
+                # directory, and must never wait on a lookup under /n, /jobs or a union
+                # that goes to another node (a hung node's lookup holds it for a deadline).
+                if (
+                    parent is not None
+                    and v.path
+                    and isinstance(parent.src, NodeSrc)
+                    and parent.src.node == node
+                    and len(self.ns.resolve(parent.path)) == 1
+                ):
+                    entries.append((parent.ino, os.fsencode(v.path[-1])))
+        for parent_ino, name in entries:  # queued to pyfuse3's own thread: never blocks us
+            pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+
+        def inval() -> None:
+            # attributes and cached pages (an old handle must not read on from the cache);
+            # dropping pages may wait on a page lock that a pending read holds, so this runs
+            # in a thread, abandoned if the mount ends (closing /dev/fuse frees it)
+            for ino in inos:
+                try:
+                    pyfuse3.invalidate_inode(ino)
+                except OSError:
+                    pass  # the kernel has forgotten it already
+
+        await trio.to_thread.run_sync(inval, abandon_on_cancel=True)
 
     # -- vnodes ------------------------------------------------------------------------
 
@@ -141,9 +213,14 @@ class NinefsOps(pyfuse3.Operations):
     def _vnode_for(self, path: Path_, src: NodeSrc | LocalSrc, kind: str) -> Vnode:
         v = self.by_path.get(path)
         if v is not None and (v.src != src or v.kind != kind):
-            # the name now means another file (a union changed, a file was replaced)
-            self._drop_fid(v)
-            v.src, v.kind, v.stat = src, kind, None
+            # the name now means another file (a union changed, a file was replaced): that is
+            # a new inode, so the kernel never sees one inode change its type or its place;
+            # the old one lives on (for open handles) until the kernel forgets it
+            del self.by_path[path]
+            if v.nlookup <= 0:
+                self.vnodes.pop(v.ino, None)
+                self._drop_fid(v)
+            v = None
         if v is None:
             v = Vnode(self._next_ino, path, src, kind)
             self._next_ino += 1
@@ -200,11 +277,14 @@ class NinefsOps(pyfuse3.Operations):
         a.st_blksize = BLKSIZE
         s = v.stat
         if s is None:  # the namespace's own files
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started_ns
             a.st_mode = (st.S_IFDIR | 0o555) if v.kind == "dir" else (st.S_IFREG | 0o644)
             if v.path == ("jobs", "clone"):
                 a.st_mode = st.S_IFREG | 0o444
             a.st_nlink = 2 if v.kind == "dir" else 1
-            a.entry_timeout = a.attr_timeout = 0
+            # a directory's name and attributes are fixed: cache them as synthetic names are
+            # (else every path lookup through /n/NODE costs a walk and a stat on the node)
+            a.entry_timeout = a.attr_timeout = ENTRY_TTL if v.kind == "dir" else 0
             return a
         perm = s.mode & 0o7777
         if s.mode & m.DMDIR:
@@ -220,7 +300,8 @@ class NinefsOps(pyfuse3.Operations):
         if v.storage:
             a.entry_timeout = a.attr_timeout = STORAGE_TTL
         else:
-            a.entry_timeout, a.attr_timeout = ENTRY_TTL, 0
+            a.entry_timeout = ENTRY_TTL
+            a.attr_timeout = ENTRY_TTL if s.mode & m.DMDIR else 0  # synthetic dirs: fixed
         return a
 
     @staticmethod
@@ -290,7 +371,16 @@ class NinefsOps(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         v = self._vnode(inode)
         if isinstance(v.src, NodeSrc):
-            client, fid = await self._fid(v)
+            try:
+                client, fid = await self._fid(v)
+            except NineError as e:
+                # the kernel asks for attributes before reading through an open handle:
+                # one opened on a connection that broke gets EIO, as its reads do
+                if e.ename == "EHOSTDOWN" and any(
+                    of.vnode is v and of.fid is not None for of in self.files.values()
+                ):
+                    raise NineError("EIO", f"the connection to {v.src.node} is gone") from None
+                raise
             v.stat = await client.stat(fid)
         return self._attrs(v)
 
@@ -298,6 +388,8 @@ class NinefsOps(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         v = self._vnode(inode)
         if not isinstance(v.src, NodeSrc):
+            if fields.update_mode or fields.update_uid or fields.update_gid:
+                raise NineError("EPERM", "the namespace's own files cannot change owner or mode")
             return self._attrs(v)  # the shell's O_TRUNC on /ctl: nothing to truncate
         changes: dict[str, int] = {}
         if fields.update_mode:
@@ -347,7 +439,9 @@ class NinefsOps(pyfuse3.Operations):
         async def one(name: str) -> None:
             try:
                 client, _ = self._client(name)
-                with trio.fail_after(DATA_TIMEOUT):
+                if self.ns.nodes[name].state != "up":
+                    return  # a suspect node must not hold up the listing
+                with trio.fail_after(META_TIMEOUT):
                     entries = await client.list_dir("/jobs")
             except (NineError, trio.TooSlowError):
                 return
@@ -356,20 +450,26 @@ class NinefsOps(pyfuse3.Operations):
         async with trio.open_nursery() as n:
             for name in list(self.ns.nodes):
                 n.start_soon(one, name)
-        return sorted(out)
+        # a job moved before it started (`node`, `label`) is listed by the id its maker holds
+        moved = {f"{j.node}.{j.rid}": j.id for j in self.ns.jobs.values()
+                 if j.id != f"{j.node}.{j.rid}"}  # fmt: skip
+        return sorted({moved.get(j, j) for j in out})
 
     @_fuse_errors
     async def opendir(self, inode, ctx):
         v = self._vnode(inode)
-        seen: dict[str, tuple[pyfuse3.EntryAttributes, Vnode | None]] = {}
+        # name -> (place or None, kind, stat); inodes are made only for the names that
+        # readdir hands to the kernel (each of those counts as a lookup)
+        seen: dict[str, tuple[NodeSrc | LocalSrc | None, str, m.Stat | None]] = {}
         for name in self.ns.mount_points(v.path):
-            if name not in seen:
-                child = self.by_path.get((*v.path, name))
-                seen[name] = (self._dir_attrs(), child)
+            seen.setdefault(name, (None, "dir", None))
+        found = bool(seen)
         for src in self.ns.resolve(v.path):
             if isinstance(src, LocalSrc):
+                if self.ns.local_kind(src.path) == "dir" or src.path in self.ns.table:
+                    found = True
                 for name, kind in await self._list_local(v, src):
-                    seen.setdefault(name, (self._local_attrs(kind), None))
+                    seen.setdefault(name, (None, kind, None))
                 continue
             try:
                 client, gen = self._client(src.node)
@@ -378,45 +478,34 @@ class NinefsOps(pyfuse3.Operations):
                 if not seen and e.ename != "ENOENT":
                     raise
                 continue
+            found = True
             for s in entries:
-                if s.name in seen:
-                    continue
-                child = self._vnode_for(
-                    (*v.path, s.name), NodeSrc(src.node, (*src.path, s.name)), self._kind(s)
-                )
-                child.stat = s
-                seen[s.name] = (self._attrs(child), child)
+                seen.setdefault(s.name, (NodeSrc(src.node, (*src.path, s.name)), self._kind(s), s))
+        if not found:  # e.g. /n/NAME after `unmount NAME`, through a name the kernel kept
+            raise NineError("ENOENT", "/".join(v.path) + ": nothing is there now")
         of = OpenFile(v, ctx.pid)
-        of.entries = [(name, a, c) for name, (a, c) in seen.items()]
+        dots = [(".", None, "dot", None), ("..", None, "dot", None)]
+        of.entries = [*dots, *((name, *e) for name, e in seen.items() if name not in (".", ".."))]
         return self._new_fh(of)
-
-    def _dir_attrs(self) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_mode, a.st_nlink, a.st_uid, a.st_gid = st.S_IFDIR | 0o555, 2, self.uid, self.gid
-        return a
-
-    def _local_attrs(self, kind: str) -> pyfuse3.EntryAttributes:
-        a = self._dir_attrs()
-        if kind != "dir":
-            a.st_mode, a.st_nlink = st.S_IFREG | 0o644, 1
-        return a
 
     async def readdir(self, fh, start_id, token):
         of = self.files[fh]
         for i in range(start_id, len(of.entries)):
-            name, attrs, child = of.entries[i]
-            if child is None or self.vnodes.get(child.ino) is not child:
-                # readdirplus counts a lookup for each entry it returns: give it an inode
-                path = (*of.vnode.path, name)
+            name, src, kind, stat = of.entries[i]
+            if kind == "dot":  # the kernel takes no lookup for . and ..: count none
+                d = of.vnode if name == "." else self.by_path.get(of.vnode.path[:-1], of.vnode)
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(d), i + 1):
+                    return
+                continue
+            path = (*of.vnode.path, name)
+            if src is None:  # a mount point, or one of the namespace's own names
                 srcs = self.ns.resolve(path)
                 src = srcs[0] if srcs else LocalSrc(path)
-                kind = "dir" if st.S_ISDIR(attrs.st_mode) else "file"
-                child = self._vnode_for(path, src, kind)
-                if isinstance(src, NodeSrc) and child.stat is None:
-                    child.stat = None
-                of.entries[i] = (name, attrs, child)
-            attrs.st_ino = child.ino
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, i + 1):
+            # readdirplus counts a lookup for each entry it returns: give it an inode
+            child = self._vnode_for(path, src, kind)
+            if stat is not None:
+                child.stat = stat
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), i + 1):
                 return
             child.nlookup += 1
 
@@ -444,6 +533,13 @@ class NinefsOps(pyfuse3.Operations):
         synthetic = bool(r.flags & m.OF_SYNTHETIC) or not v.storage
         keep = not synthetic and v.version == r.qid.version
         v.version = r.qid.version
+        if not synthetic and v.stat is not None and v.stat.qid.version != r.qid.version:
+            # changed since the kernel was given its attributes (on the node's disk, by
+            # another mount): a read must not stop at the size the kernel cached
+            try:
+                pyfuse3.invalidate_inode(v.ino, attr_only=True)  # no page locks: safe here
+            except OSError:
+                pass
         return pyfuse3.FileInfo(
             fh=self._new_fh(of),
             direct_io=synthetic,
@@ -459,7 +555,7 @@ class NinefsOps(pyfuse3.Operations):
                 raise NineError("EACCES", "/nodes is read-only")
             of.data = self.ns.nodes_text().encode()
         elif path == ("ctl",):
-            of.writer = self.ns.ctl
+            of.writer = self._ctl_write
             if reading:
                 of.data = "".join(
                     f"mount {c.addr} {c.name}\n" for c in self.ns.nodes.values()
@@ -476,6 +572,37 @@ class NinefsOps(pyfuse3.Operations):
                 of.data = await self.ns.job_ctl_read(jid)
         else:
             raise NineError("EISDIR", "is a directory")
+
+    async def _ctl_write(self, text: str) -> None:
+        """/ctl: change the namespace, then have the kernel forget the names it cached where
+        the mount table changed, so that what runs after the write sees the new namespace."""
+        before = {k: list(v) for k, v in self.ns.table.items()}
+        had = set(self.ns.nodes)
+        try:
+            await self.ns.ctl(text)
+            # a node mounted now: give it the time a mount at start gets to connect
+            with trio.move_on_after(CONNECT_WAIT):
+                async with trio.open_nursery() as n:
+                    for name in set(self.ns.nodes) - had:
+                        n.start_soon(self.ns.nodes[name].wait_state, CONNECT_WAIT)
+        finally:
+            changed = [k for k in before.keys() | self.ns.table.keys()
+                       if k and before.get(k) != self.ns.table.get(k)]  # fmt: skip
+            names = [(parent.ino, os.fsencode(k[-1]))
+                     for k in changed if (parent := self.by_path.get(k[:-1])) is not None]  # fmt: skip
+
+            def inval() -> None:
+                for parent_ino, name in names:
+                    try:
+                        pyfuse3.invalidate_entry(parent_ino, name)
+                    except OSError:
+                        pass  # the kernel did not have it
+
+            if names:
+                # synchronous, so the writer's next command sees it; bounded, as a lookup
+                # in that directory that waits on a slow node would hold it up
+                with trio.move_on_after(2):
+                    await trio.to_thread.run_sync(inval, abandon_on_cancel=True)
 
     def _open_file(self, fh: int) -> tuple[OpenFile, Client | None]:
         of = self.files.get(fh)
@@ -508,6 +635,9 @@ class NinefsOps(pyfuse3.Operations):
             data = await client.read(of.fid, off, size, timeout=None)
             nursery.cancel_scope.cancel()
         if data is None:
+            # the cancelled read has sent Tflush and had its Rflush (or the connection is gone)
+            log.info("read of /%s interrupted by a signal to pid %d; flushed on the wire",
+                     "/".join(of.vnode.path), of.pid)  # fmt: skip
             raise NineError("EINTR", "interrupted")
         return data
 
@@ -606,15 +736,23 @@ class NinefsOps(pyfuse3.Operations):
 
     @_fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        if flags:
-            raise NineError("EINVAL", "rename flags are not supported")
+        if flags & ~RENAME_NOREPLACE:
+            raise NineError("EINVAL", "rename flags other than RENAME_NOREPLACE are not supported")
         old_parent = self._node_dir(parent_inode_old)
         new_parent = self._node_dir(parent_inode_new)
         old_path = (*old_parent.path, os.fsdecode(name_old))
         new_name = os.fsdecode(name_new)
         v = await self._resolve(old_path)
-        if v.src.node != new_parent.src.node:
+        if not isinstance(v.src, NodeSrc) or v.src.node != new_parent.src.node:
             raise NineError("EXDEV", "rename across nodes")
+        if flags & RENAME_NOREPLACE:
+            try:
+                await self._resolve((*new_parent.path, new_name))
+            except NineError as e:
+                if e.ename != "ENOENT":
+                    raise
+            else:
+                raise NineError("EEXIST", f"{new_name} exists")
         client, fid = await self._fid(v)
         _, dfid = await self._fid(new_parent)
         await client.rename(fid, dfid, new_name)
@@ -624,17 +762,19 @@ class NinefsOps(pyfuse3.Operations):
         gone = self.by_path.pop(new_path, None)
         if gone is not None and gone is not v:
             self._drop_fid(gone)
+        old_src, k = v.src.path, len(v.src.path)
         n = len(old_path)
         for p in [p for p in self.by_path if p[:n] == old_path]:
             w = self.by_path.pop(p)
+            if w is not v and (
+                not isinstance(w.src, NodeSrc)
+                or w.src.node != v.src.node
+                or w.src.path[:k] != old_src
+            ):
+                continue  # a name below that came from another place (a union): look again
             w.path = new_path + p[n:]
-            w.src = (
-                NodeSrc(v.src.node, new_src_path + w.src.path[len(v.src.path) :])
-                if w is not v
-                else w.src
-            )
+            w.src = NodeSrc(v.src.node, new_src_path + w.src.path[k:])
             self.by_path[w.path] = w
-        v.src = NodeSrc(v.src.node, new_src_path)
 
     @_fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):

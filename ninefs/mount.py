@@ -64,7 +64,7 @@ def _tune(mountpoint: Path) -> None:
         if major is None:
             return
         with open(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb", "w") as f:
-            f.write("1024")
+            f.write("4096")  # several 1 MiB reads in flight: measured 190 MB/s at 1 MiB, 270 at 4
         with open(f"/sys/fs/fuse/connections/{minor}/max_background", "w") as f:
             f.write("64")
     except OSError as e:
@@ -92,9 +92,9 @@ async def run_mount(
                         await conn.wait_state(CONNECT_WAIT)
                 ops = NinefsOps(ns, nursery)
                 options = set(pyfuse3.default_options) | {"fsname=ninefs", "subtype=ninefs"}
+                ops.on_init = lambda: _tune(mountpoint)
                 pyfuse3.init(ops, str(mountpoint), options)
                 mounted = True
-                _tune(mountpoint)
 
                 async def stop_on_signal() -> None:
                     async for signum in signals:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 Path_ = tuple[str, ...]
 MAX_BIND_DEPTH = 8
+RESTART_TRACK = 2.0  # seconds between looks at the state of `restart on-failure` jobs
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class ClusterJob:
     log: list[str] = field(default_factory=list)
     started: bool = False
     restarts: int = 0
+    ended: bool = False  # seen ended (by the tracker): a node loss no longer restarts it
+    history: list[str] = field(default_factory=list)  # restart lines, shown by a ctl read
 
 
 class Namespace:
@@ -96,6 +99,7 @@ class Namespace:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._track_restartable)
             task_status.started()
             await trio.sleep_forever()
 
@@ -125,7 +129,7 @@ class Namespace:
             raise NineError("EINVAL", "cannot bind over the root")
         if o == n:
             raise NineError("EINVAL", "OLD and NEW are the same")
-        if not self.resolve(o):
+        if not any(self._may_exist(s, o) for s in self.resolve(o)):
             raise NineError("ENOENT", f"{old}: nothing there")
         src: Src = BindSrc(o)
         if flag == "":
@@ -169,7 +173,34 @@ class Namespace:
             flag = args.pop(0)
             if flag not in ("-a", "-b"):
                 raise NineError("EINVAL", f"bind: unknown flag {flag!r}; use -a or -b")
+        await self._check_on_nodes(args[0])
         self.bind(args[0], args[1], flag)
+
+    def _may_exist(self, src: NodeSrc | LocalSrc, path: Path_) -> bool:
+        """False for a place that surely is not there (a namespace name nothing made)."""
+        if isinstance(src, NodeSrc):
+            return True
+        return (self.local_kind(src.path) is not None or src.path in self.table
+                or bool(self.mount_points(path)))  # fmt: skip
+
+    async def _check_on_nodes(self, old: str) -> None:
+        """ENOENT if every node that OLD resolves to says it has no such file (a node that
+        is down or slow gets the benefit of the doubt: a namespace file must still load)."""
+        srcs = self.resolve(split(old))
+        if not srcs or not all(isinstance(s, NodeSrc) for s in srcs):
+            return
+        for s in srcs:
+            conn = self.nodes.get(s.node)
+            try:
+                if conn is None:
+                    return
+                client, _ = conn.get()
+                await client.stat_path("/" + "/".join(s.path))
+                return
+            except NineError as e:
+                if e.ename != "ENOENT":
+                    return
+        raise NineError("ENOENT", f"{old}: nothing there")
 
     # -- resolution --------------------------------------------------------------------
 
@@ -279,8 +310,14 @@ class Namespace:
 
     async def clone(self, constraints: dict[str, str] | None = None, avoid: str = "") -> ClusterJob:
         conn = self.place(constraints, avoid)
-        client, _ = conn.get()
-        rid = (await client.read_file("/jobs/clone")).decode().strip()
+        try:
+            client, _ = conn.get()
+            rid = (await client.read_file("/jobs/clone")).decode().strip()
+        except NineError as e:
+            if e.ename not in ("EHOSTDOWN", "EIO") or avoid:
+                raise
+            # the node was lost between its last heartbeat and now: once more, elsewhere
+            return await self.clone(constraints, avoid=conn.name)
         job = ClusterJob(f"{conn.name}.{rid}", conn.name, rid)
         self.jobs[job.id] = job
         return job
@@ -290,7 +327,11 @@ class Namespace:
         if job is None:
             raise NineError("ENOENT", f"no job {jid}")
         client, _ = self.nodes[job.node].get()
-        return await client.read_file(f"/jobs/{job.rid}/ctl")
+        line = await client.read_file(f"/jobs/{job.rid}/ctl")
+        # the node's `ID STATE PID...`, with the id saying where the job is: `n3.4 running 42`
+        rest = line.split(b" ", 1)[1] if b" " in line else b"\n"
+        line = f"{job.node}.{job.rid} ".encode() + rest
+        return line + "".join(h + "\n" for h in job.history).encode()
 
     async def job_ctl_write(self, jid: str, text: str) -> None:
         """A cluster job's ctl: placement words are ours, the rest goes to the node."""
@@ -356,9 +397,39 @@ class Namespace:
     async def restart_lost_jobs(self, node: str) -> None:
         """Jobs with ``restart on-failure`` whose node went down start again elsewhere."""
         for job in {id(j): j for j in self.jobs.values()}.values():
-            if job.node == node and job.restart and job.started:
+            if job.node == node and job.restart and job.started and not job.ended:
+                await self._restart(job, avoid=node, why=f"{node} down")
+
+    async def _restart(self, job: ClusterJob, avoid: str, why: str) -> None:
+        was = f"{job.node}.{job.rid}"
+        try:
+            await self._replace(job, avoid=avoid)
+            job.restarts += 1
+            job.history.append(f"restarted {job.restarts} {was} -> {job.node}.{job.rid} "
+                               f"at {time.strftime('%H:%M:%S')} ({why})")  # fmt: skip
+        except NineError as e:
+            log.warning("job %s could not be restarted: %s", job.id, e.message)
+            job.history.append(f"restart failed {was} at {time.strftime('%H:%M:%S')} "
+                               f"({why}): {e.message}")  # fmt: skip
+
+    async def _track_restartable(self) -> None:
+        """Every RESTART_TRACK seconds, read the state of each started `restart on-failure`
+        job whose node is up: one seen ended is not started again when its node goes down."""
+        while True:
+            await trio.sleep(RESTART_TRACK)
+            for job in {id(j): j for j in self.jobs.values()}.values():
+                conn = self.nodes.get(job.node)
+                if not (job.restart and job.started and not job.ended) or conn is None:
+                    continue
+                if conn.state != "up":
+                    continue
                 try:
-                    await self._replace(job, avoid=node)
-                    job.restarts += 1
-                except NineError as e:
-                    log.warning("job %s could not be restarted: %s", job.id, e.message)
+                    client, _ = conn.get()
+                    words = (await client.read_file(f"/jobs/{job.rid}/ctl", 2.0)).split()
+                except NineError:
+                    continue
+                state = words[1].decode() if len(words) > 1 else ""
+                if state in ("exited", "signalled", "failed"):
+                    job.ended = True
+                elif state == "lost":  # its node's daemon restarted before we saw it down
+                    await self._restart(job, avoid="", why=f"{job.node} restarted")

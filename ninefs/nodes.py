@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT = 2.0  # seconds between pings
 HEARTBEAT_TIMEOUT = 2.0
 MISSES_DOWN = 3  # missed heartbeats before a node is declared down
-BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 3.0  # a node that is back is found within BACKOFF_MAX
+CONNECT_TIMEOUT = 5.0  # seconds for TCP connect and handshake (a hung node accepts, then stalls)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class NodeConn:
         self._set("down", "unmounted")
 
     async def _connect_and_serve(self) -> None:
-        with trio.fail_after(10):
+        with trio.fail_after(CONNECT_TIMEOUT):
             channel = await dial(self.addr, self.identity, self.user, self.known)
         async with trio.open_nursery() as nursery:
             client = Client(channel, self.user)

@@ -23,9 +23,9 @@ from .transport import Channel, ConnectionClosed, dial
 log = logging.getLogger(__name__)
 
 DEFAULT_MSIZE = 2 << 20
-META_TIMEOUT = 10.0  # seconds for a metadata call
+META_TIMEOUT = 5.0  # seconds for a metadata call
 DATA_TIMEOUT = 30.0  # seconds for a read or write of data
-FLUSH_TIMEOUT = 5.0
+FLUSH_TIMEOUT = 3.0  # seconds for Rflush; past that the node is hung and the connection goes
 MAX_TAGS = 4096
 
 
@@ -54,6 +54,7 @@ class Client:
         self._tags = trio.Semaphore(MAX_TAGS)
         self._next_fid = 1
         self._free_fids: list[int] = []
+        self._bg: trio.Nursery | None = None  # flushes and clunks nobody waits for
 
     # -- the connection ----------------------------------------------------------------
 
@@ -74,23 +75,24 @@ class Client:
             self._close(f"version: {e}")
             raise
         task_status.started()
-        try:
-            while True:
-                msg = m.decode(await self.channel.receive())
-                slot = self._pending.get(msg.tag)
-                if slot is None or slot.event.is_set() or m.is_request(msg):
-                    raise ProtocolError(f"unexpected {type(msg).__name__} for tag {msg.tag}")
-                slot.reply = msg
-                slot.event.set()
-        except ConnectionClosed as e:
-            self._close(str(e))
-        except ProtocolError as e:
-            log.warning("%s: %s", self.channel.peer, e)
-            self._close(f"protocol error: {e}")
-        finally:
-            self._close("client closed")
-            with trio.CancelScope(shield=True):
-                await self.channel.aclose()
+        async with trio.open_nursery() as self._bg:
+            try:
+                while True:
+                    msg = m.decode(await self.channel.receive())
+                    slot = self._pending.get(msg.tag)
+                    if slot is None or slot.event.is_set() or m.is_request(msg):
+                        raise ProtocolError(f"unexpected {type(msg).__name__} for tag {msg.tag}")
+                    slot.reply = msg
+                    slot.event.set()
+            except ConnectionClosed as e:
+                self._close(str(e))
+            except ProtocolError as e:
+                log.warning("%s: %s", self.channel.peer, e)
+                self._close(f"protocol error: {e}")
+            finally:
+                self._close("client closed")
+                with trio.CancelScope(shield=True):
+                    await self.channel.aclose()
 
     def _close(self, reason: str) -> None:
         if self.closed.is_set():
@@ -111,33 +113,41 @@ class Client:
 
     async def rpc(self, msg: m.Msg, timeout: float | None = META_TIMEOUT) -> m.Msg:
         """Send a request and wait for its reply; Rerror raises NineError, a passed deadline
-        ETIMEDOUT, a lost connection EIO."""
+        ETIMEDOUT, a lost connection EIO.
+
+        ETIMEDOUT is raised when the deadline passes, not later: the Tflush for the tag then
+        goes out in the background, which frees the tag on Rflush or closes the connection
+        if the node does not answer within FLUSH_TIMEOUT."""
         if self.closed.is_set():
             raise self._lost()
-        async with self._tags:
-            tag = self._free_tags.pop()
-            slot = self._pending[tag] = _Slot()
-            msg.tag = tag
-            flush = True
+        await self._tags.acquire()
+        tag = self._free_tags.pop()
+        slot = self._pending[tag] = _Slot()
+        msg.tag = tag
+        keep = False  # the tag stays taken until a background flush frees it
+        try:
             try:
-                try:
-                    await self.channel.send(m.encode(msg))
-                except ConnectionClosed as e:
-                    flush = False
-                    self._close(str(e))
-                    raise self._lost() from None
+                await self.channel.send(m.encode(msg))
+            except ConnectionClosed as e:
+                self._close(str(e))
+                raise self._lost() from None
+            try:
                 with trio.fail_after(math.inf if timeout is None else timeout):
                     await slot.event.wait()
-                flush = False
             except trio.TooSlowError:
+                if not self.closed.is_set() and self._bg is not None:
+                    keep = True
+                    self._bg.start_soon(self._flush_then_free, tag)
                 raise NineError(
                     "ETIMEDOUT", f"{type(msg).__name__} to {self.channel.peer} timed out"
                 ) from None
-            finally:
-                if flush and not self.closed.is_set():
+            except BaseException:  # cancelled: flush now, shielded, before the tag is reused
+                if not slot.event.is_set() and not self.closed.is_set():
                     await self._flush(tag)
-                del self._pending[tag]
-                self._free_tags.append(tag)
+                raise
+        finally:
+            if not keep:
+                self._free_tag(tag)
         reply = slot.reply
         if reply is None:
             raise self._lost()
@@ -147,6 +157,18 @@ class Client:
             self._close(f"bad reply {type(reply).__name__} to {type(msg).__name__}")
             raise self._lost()
         return reply
+
+    def _free_tag(self, tag: int) -> None:
+        del self._pending[tag]
+        self._free_tags.append(tag)
+        self._tags.release()
+
+    async def _flush_then_free(self, oldtag: int) -> None:
+        try:
+            if not self.closed.is_set():
+                await self._flush(oldtag)
+        finally:
+            self._free_tag(oldtag)
 
     async def _flush(self, oldtag: int) -> None:
         # Shielded: the caller is being cancelled, but the tag must not be reused until
@@ -208,7 +230,9 @@ class Client:
         except NineError as e:
             # The node answered: newfid exists only if an earlier piece of the walk made it
             # (or we cannot know, when the answer never came).
-            if made or e.ename == "ETIMEDOUT":
+            if e.ename == "ETIMEDOUT" and self._bg is not None:
+                self._bg.start_soon(self._clunk_quietly, newfid)  # not past the deadline
+            elif made or e.ename == "ETIMEDOUT":
                 await self._clunk_quietly(newfid)
             else:
                 self._free_fid(newfid)

@@ -54,6 +54,25 @@ class FrameReader:
         del self._buf[:end]
         return body
 
+    def start_frame(self, min_size: int) -> tuple[bytearray, int] | None:
+        """For a frame of at least ``min_size`` bytes that has begun but is not complete: a
+        buffer for its whole body holding what has arrived, and how many bytes that is. The
+        reader is left empty; the caller receives the rest straight into the buffer (one
+        allocation, no copies through this reader). None for anything else."""
+        if len(self._buf) < LEN_SIZE:
+            return None
+        (length,) = _LEN.unpack_from(self._buf)
+        if length > self.limit:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.limit}")
+        got = len(self._buf) - LEN_SIZE
+        if length < min_size or got >= length:
+            return None
+        body = bytearray(length)
+        with memoryview(self._buf) as view:
+            body[:got] = view[LEN_SIZE:]
+        self._buf.clear()
+        return body, got
+
     @property
     def buffered(self) -> int:
         return len(self._buf)

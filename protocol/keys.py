@@ -151,6 +151,8 @@ class Grant:
             if peer_ip is None:
                 return "source address unknown"
             ip = ipaddress.ip_address(peer_ip)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped  # a dual-stack listener sees ::ffff:10.0.0.5
             if not any(ip in net for net in self.source):
                 return f"source {peer_ip} not allowed"
         return None

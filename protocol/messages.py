@@ -315,6 +315,7 @@ def encode(msg: Msg) -> bytes:
     return packed
 
 
+_VIEW_MIN = 64 << 10  # Rread payloads at least this long stay views of their frame
 _HEAD_PEEK = 16 << 10  # headers of messages that carry payloads are far smaller than this
 
 
@@ -352,7 +353,11 @@ def decode(body: bytes | bytearray | memoryview) -> Msg:
     values = [_u16(header[1])]
     values.extend(check(v) for (_, check), v in zip(fields, header[2:], strict=True))
     if cls in _HAS_DATA:
-        values.append(bytes(rest))
+        # A big Rread keeps a view of the frame (one fresh buffer per frame, which nothing
+        # else holds): the payload goes on to FUSE uncopied. Smaller payloads, and Twrite's
+        # (which trees may decode as text), are bytes.
+        big = cls is Rread and len(rest) >= _VIEW_MIN and isinstance(body, bytearray)
+        values.append(rest if big else bytes(rest))
     elif len(rest):
         raise ProtocolError(f"{len(rest)} stray bytes after {cls.__name__}")
     return cls(*values)

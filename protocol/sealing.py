@@ -8,13 +8,16 @@ sends its stream header (24 public bytes) as the first frame after the handshake
 from __future__ import annotations
 
 import nacl.bindings as nb
-import nacl.exceptions
+from nacl._sodium import ffi, lib
 
 from .errors import ProtocolError
 
 HEADER_BYTES = nb.crypto_secretstream_xchacha20poly1305_HEADERBYTES
 ABYTES = nb.crypto_secretstream_xchacha20poly1305_ABYTES
 _TAG_MESSAGE = nb.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+_MAX_MESSAGE = nb.crypto_secretstream_xchacha20poly1305_MESSAGEBYTES_MAX
+_UCHARS = "unsigned char[]"
+LEN_ROOM = 4  # the frame length that Channel.send writes in front of a sealed body
 
 
 class Sealer:
@@ -24,10 +27,26 @@ class Sealer:
         self._state = nb.crypto_secretstream_xchacha20poly1305_state()
         self.header = nb.crypto_secretstream_xchacha20poly1305_init_push(self._state, key)
 
-    def seal(self, plaintext: bytes) -> bytes:
-        return nb.crypto_secretstream_xchacha20poly1305_push(
-            self._state, plaintext, None, _TAG_MESSAGE
-        )
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> bytes:
+        return bytes(self.seal_framed(plaintext, 0))
+
+    def seal_framed(
+        self, plaintext: bytes | bytearray | memoryview, room: int = LEN_ROOM
+    ) -> bytearray:
+        """``room`` bytes (for the caller's frame length), then the sealed ``plaintext``,
+        written in place by libsodium: no copy of the input or the output. libsodium runs
+        without the GIL, so this may be called from a worker thread."""
+        n = len(plaintext)
+        if n > _MAX_MESSAGE:
+            raise ValueError("message too long to seal")
+        out = bytearray(room + n + ABYTES)
+        rc = lib.crypto_secretstream_xchacha20poly1305_push(
+            self._state.statebuf, ffi.from_buffer(_UCHARS, out) + room, ffi.NULL,
+            ffi.from_buffer(_UCHARS, plaintext), n, ffi.NULL, 0, _TAG_MESSAGE,
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError("sealing failed")
+        return out
 
 
 class Opener:
@@ -40,19 +59,26 @@ class Opener:
         nb.crypto_secretstream_xchacha20poly1305_init_pull(self._state, header, key)
         self._broken = False
 
-    def open(self, ciphertext: bytes) -> bytes:
+    def open(self, ciphertext: bytes | bytearray | memoryview) -> bytearray:
         if self._broken:
             raise ProtocolError("stream already failed")
-        try:
-            plaintext, tag = nb.crypto_secretstream_xchacha20poly1305_pull(
-                self._state, ciphertext, None
-            )
-        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        # libsodium directly, into a buffer of our own: PyNaCl's binding wants bytes in and
+        # copies its output once more; the checks are libsodium's, the same either way.
+        # The plaintext is a fresh bytearray that the caller owns (decode may keep views).
+        n = len(ciphertext) - ABYTES
+        if n < 0 or n > _MAX_MESSAGE:
             self._broken = True
-            raise ProtocolError(
-                "a sealed frame failed to open (altered, replayed or out of order)"
-            ) from None
-        if tag != _TAG_MESSAGE:
+            raise ProtocolError("a sealed frame of a bad length")
+        plaintext = bytearray(n)
+        tag = ffi.new("unsigned char *")
+        rc = lib.crypto_secretstream_xchacha20poly1305_pull(
+            self._state.statebuf, ffi.from_buffer(_UCHARS, plaintext), ffi.NULL, tag,
+            ffi.from_buffer(_UCHARS, ciphertext), len(ciphertext), ffi.NULL, 0,
+        )  # fmt: skip
+        if rc != 0:
+            self._broken = True
+            raise ProtocolError("a sealed frame failed to open (altered, replayed or out of order)")
+        if tag[0] != _TAG_MESSAGE:
             self._broken = True
             raise ProtocolError("unexpected stream tag")
         return plaintext

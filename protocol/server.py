@@ -66,6 +66,8 @@ class Session:
         msize: int = DEFAULT_MSIZE,
         max_fids: int = 4096,
         max_inflight: int = 256,
+        max_queued: int = 64,
+        max_flushes: int = 64,
     ) -> None:
         self.tree = tree
         self.principal = principal
@@ -74,7 +76,13 @@ class Session:
         self.max_fids = max_fids
         self.fids: dict[int, Fid] = {}
         self.requests: dict[int, _Request] = {}
+        # Handlers running at once; requests read but waiting for a handler slot (the read
+        # loop goes on reading past them, so a Tflush still gets through when every slot is
+        # busy); each holds its place until its reply is sent, so a client that stops reading
+        # makes the node stop reading it, never buffer replies without bound.
         self._slots = trio.Semaphore(max_inflight)
+        self._admitted = trio.Semaphore(max_inflight + max_queued)
+        self._flushes = trio.Semaphore(max_flushes)  # Tflushes waiting for their request
         self._handlers: dict[type, Callable[[m.Msg], Awaitable[m.Msg]]] = {
             m.Tattach: self.attach, m.Twalk: self.walk, m.Topen: self.open,
             m.Tcreate: self.create, m.Tread: self.read, m.Twrite: self.write,
@@ -115,13 +123,14 @@ class Session:
                 continue
             if not self.msize:
                 raise ProtocolError("the first message must be Tversion")
-            if isinstance(msg, m.Tflush):
-                nursery.start_soon(self._flush, msg)
-                continue
             old = self.requests.get(msg.tag)
             if (old is not None and not old.replying) or msg.tag == m.NOTAG:
                 raise ProtocolError(f"tag {msg.tag} is already in use")
-            await self._slots.acquire()  # backpressure: stop reading when too much is in flight
+            if isinstance(msg, m.Tflush):
+                await self._flushes.acquire()  # bounded: stop reading when too many wait
+                nursery.start_soon(self._flush, msg)
+                continue
+            await self._admitted.acquire()  # backpressure: stop reading when too much is queued
             req = _Request(trio.CancelScope(), trio.Event())
             self.requests[msg.tag] = req
             nursery.start_soon(self._run, msg, req)
@@ -131,7 +140,8 @@ class Session:
             reply: m.Msg | None = None
             try:
                 with req.scope:
-                    reply = await self._handlers[type(msg)](msg)
+                    async with self._slots:  # a Tflush may cancel the wait for a slot too
+                        reply = await self._handlers[type(msg)](msg)
             except NineError as e:
                 reply = m.Rerror(msg.tag, e.ename, _clip(e.message))
             except OSError as e:
@@ -140,8 +150,6 @@ class Session:
             except Exception:
                 log.exception("%s: %s failed", self.channel.peer, type(msg).__name__)
                 reply = m.Rerror(msg.tag, "EIO", "internal server error")
-            finally:
-                self._slots.release()
             if reply is not None:  # None: a Tflush cancelled it, and 9P sends no reply then
                 req.replying = True
                 await self._send(reply)
@@ -149,6 +157,7 @@ class Session:
             if self.requests.get(msg.tag) is req:
                 del self.requests[msg.tag]
             req.done.set()
+            self._admitted.release()
 
     async def _send(self, reply: m.Msg) -> None:
         try:
@@ -162,7 +171,8 @@ class Session:
             pass  # the read loop sees it too and ends the session
 
     async def _version(self, msg: m.Tversion) -> None:
-        if self.requests:
+        # A request whose reply is being sent is done as far as the client knows.
+        if any(not r.replying for r in self.requests.values()):
             raise ProtocolError("Tversion with requests in flight")
         await self._clunk_all()
         if msg.version != m.VERSION or msg.msize < m.MIN_MSIZE:
@@ -176,11 +186,14 @@ class Session:
     async def _flush(self, msg: m.Tflush) -> None:
         # 9P: Rflush is never an error; if the old request is still running, cancel it and
         # answer only once it has finished, so its tag is free when the client sees Rflush.
-        req = self.requests.get(msg.oldtag)
-        if req is not None and msg.oldtag != msg.tag:
-            req.scope.cancel()
-            await req.done.wait()
-        await self._send(m.Rflush(msg.tag))
+        try:
+            req = self.requests.get(msg.oldtag)
+            if req is not None and msg.oldtag != msg.tag:
+                req.scope.cancel()
+                await req.done.wait()
+            await self._send(m.Rflush(msg.tag))
+        finally:
+            self._flushes.release()
 
     # -- fids --------------------------------------------------------------------------
 

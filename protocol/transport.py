@@ -8,13 +8,15 @@ runs the client's handshake; ``accept`` runs the node's. Both give a ``Channel``
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from collections.abc import Callable
 
 import nacl.signing
 import trio
 
-from .framing import FrameReader, frame, frame_header
+from .errors import ProtocolError
+from .framing import _LEN, LEN_SIZE, FrameReader, frame
 from .handshake import (
     MAX_HANDSHAKE_MSG,
     ClientHandshake,
@@ -29,6 +31,8 @@ from .sealing import ABYTES, Opener, Sealer
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds for the whole handshake, either side
+BIG_FRAME = 64 << 10  # frames at least this long are received straight into their buffer
+FRAME_TIMEOUT = 60.0  # seconds from a frame's first byte to its last, once the channel is up
 DEFAULT_PORT = 5640
 
 
@@ -82,6 +86,7 @@ class Channel:
         self.stream = stream
         self.peer = peer
         self._reader = reader
+        self._sock = getattr(stream, "socket", None)  # big frames are received into place
         self._sealer = Sealer(keys.send)
         self._recv_key = keys.recv
         self._opener: Opener | None = None
@@ -105,10 +110,13 @@ class Channel:
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._broken:
                 raise ConnectionClosed(self._broken)
-            data = b"" if self._header_sent else frame(self._sealer.header)
-            sealed = self._sealer.seal(body)
+            # sealed in place behind room for the length: one buffer, no copies
+            sealed = self._sealer.seal_framed(body, LEN_SIZE)
+            _LEN.pack_into(sealed, 0, len(sealed) - LEN_SIZE)
             try:
-                await self._send_raw(data + frame_header(len(sealed)) + sealed)
+                if not self._header_sent:
+                    await self._send_raw(frame(self._sealer.header))
+                await self._send_raw(sealed)
             except BaseException:
                 self._broken = "a send was interrupted in the middle of a frame"
                 with trio.CancelScope(shield=True):
@@ -123,17 +131,45 @@ class Channel:
             raise ConnectionClosed(str(e) or "connection closed") from None
 
     async def _receive_raw(self) -> bytes:
+        # A peer may be idle between frames for as long as it likes (keepalive finds one
+        # that vanished), but a frame it has begun must be finished within FRAME_TIMEOUT:
+        # a half-sent frame left hanging would hold its buffer and its connection forever.
+        deadline = None
         while True:
             body = self._reader.next_frame()
             if body is not None:
                 return body
+            if self._reader.buffered and deadline is None:
+                deadline = trio.current_time() + FRAME_TIMEOUT
+            part = self._reader.start_frame(BIG_FRAME) if self._sock is not None else None
+            if part is not None:
+                return await self._receive_into(*part, deadline)
             try:
-                data = await self.stream.receive_some(max(self._reader.needed(), 65536))
+                with trio.move_on_at(deadline if deadline is not None else math.inf) as late:
+                    data = await self.stream.receive_some(max(self._reader.needed(), 65536))
+                if late.cancelled_caught:
+                    raise ProtocolError(f"a frame was not completed within {FRAME_TIMEOUT:g}s")
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 raise ConnectionClosed(str(e) or "connection closed") from None
             if not data:
                 raise ConnectionClosed("connection closed by peer")
             self._reader.feed(data)
+
+    async def _receive_into(self, body: bytearray, got: int, deadline: float) -> bytearray:
+        """The rest of a big frame, received straight into its buffer."""
+        view = memoryview(body)
+        try:
+            with trio.move_on_at(deadline) as late:
+                while got < len(body):
+                    n = await self._sock.recv_into(view[got:])
+                    if not n:
+                        raise ConnectionClosed("connection closed by peer")
+                    got += n
+            if late.cancelled_caught:
+                raise ProtocolError(f"a frame was not completed within {FRAME_TIMEOUT:g}s")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise ConnectionClosed(str(e) or "connection closed") from None
+        return body
 
     async def receive(self) -> bytes:
         """The next plaintext frame body; ConnectionClosed at the end, ProtocolError if bad."""
@@ -183,6 +219,11 @@ async def dial(
 Authorizer = Callable[[bytes, str, str | None], tuple[object | None, str]]
 
 
+class PublicReason(str):
+    """A refusal reason the client may be told (a limit, not who is allowed): an authorizer
+    returns one to have the client see it instead of the generic "access denied"."""
+
+
 async def accept(
     stream: trio.abc.Stream, identity: nacl.signing.SigningKey, authorize: Authorizer
 ) -> tuple[Channel, str, object]:
@@ -203,7 +244,8 @@ async def accept(
         key, user = hs.on_auth(await _hs_receive(stream, reader))
         grant, reason = authorize(key, user, peer_ip)
         if grant is None:
-            await stream.send_all(frame(hs.refuse()))
+            text = reason if isinstance(reason, PublicReason) else "access denied"
+            await stream.send_all(frame(hs.refuse(text)))
             raise HandshakeError(f"refused {user!r} from {peer_ip}: {reason}")
         msg4, keys = hs.accept()
         await stream.send_all(frame(msg4))

@@ -20,12 +20,20 @@ from ninefs.protocol.fs import Principal
 from ninefs.protocol.handshake import HandshakeError
 from ninefs.protocol.keys import AuthorizedUsers, Grant, fingerprint, load_or_create
 from ninefs.protocol.server import Session
-from ninefs.protocol.transport import ConnectionClosed, accept, parse_addr
+from ninefs.protocol.transport import (
+    Authorizer,
+    ConnectionClosed,
+    PublicReason,
+    accept,
+    parse_addr,
+)
 
 from . import cpu, jobs, metrics, proc, storage
 from .root import NodeTree, base_entries
 
 log = logging.getLogger(__name__)
+
+REVALIDATE_EVERY = 2.0  # seconds between checks of open connections against their grants
 
 
 @dataclass
@@ -36,8 +44,22 @@ class NodeConfig:
     state: Path = Path("ninefs-state")
     labels: list[str] = field(default_factory=list)
     keep: float = 3600.0  # seconds a finished job's directory is kept
-    max_connections: int = 256
-    max_fids: int = 4096
+    max_connections: int = 256  # in all, handshakes included
+    max_handshakes: int = 64  # of those, still in their handshake
+    max_user_connections: int = 64  # established, per user
+    max_fids: int = 4096  # per connection
+    max_user_jobs: int = 64  # jobs not yet ended, per user
+    allow_root_jobs: bool = False  # a root daemon may run a job as root
+
+
+@dataclass(eq=False)
+class _Conn:
+    """An established connection, as the revalidation sees it."""
+
+    grant: Grant
+    user: str
+    peer_ip: str | None
+    scope: trio.CancelScope
 
 
 class NodeDaemon:
@@ -46,7 +68,8 @@ class NodeDaemon:
         cfg.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity = load_or_create(cfg.state / "key")
         self.users = AuthorizedUsers(cfg.state / "authorized_users")
-        self.jobs = jobs.JobTable(cfg.state / "jobs", node=cfg.name, keep=cfg.keep, workdir=cfg.export)
+        self.jobs = jobs.JobTable(cfg.state / "jobs", node=cfg.name, keep=cfg.keep, workdir=cfg.export,
+                                  allow_root=cfg.allow_root_jobs, max_per_user=cfg.max_user_jobs)  # fmt: skip
         self.stats = {"connections": 0, "connections_total": 0, "refused_total": 0}
         entries = base_entries(cfg.name, cfg.labels)
         entries.append(proc.tree(self.jobs))
@@ -57,8 +80,19 @@ class NodeDaemon:
         entries.append(metrics.entry(cfg.name, lambda: dict(self.stats), self.jobs.counts))
         self.tree = NodeTree(entries)
         self._conn_slots = trio.CapacityLimiter(cfg.max_connections)
+        self._handshakes = trio.CapacityLimiter(cfg.max_handshakes)
+        self._conns: set[_Conn] = set()
+        self._pending: dict[trio.CancelScope, None] = {}  # handshakes in progress, oldest first
+        self._per_user: dict[str, int] = {}
 
     def _authorize(self, key: bytes, user: str, peer: str | None) -> tuple[Grant | None, str]:
+        grant, why = self._check(key, user, peer)
+        if grant is not None and self._per_user.get(user, 0) >= self.cfg.max_user_connections:
+            n = self.cfg.max_user_connections
+            return None, PublicReason(f"too many connections for {user!r} (limit {n})")
+        return grant, why
+
+    def _check(self, key: bytes, user: str, peer: str | None) -> tuple[Grant | None, str]:
         grant = self.users.lookup(key)
         if grant is None:
             return None, f"key {fingerprint(key)} is not in {self.users.path}"
@@ -73,32 +107,93 @@ class NodeDaemon:
         # Nothing a client does may escape this function: serve_listeners would crash.
         try:
             if self._conn_slots.available_tokens == 0:
+                self.stats["refused_total"] += 1
                 log.warning("refusing a connection: %d connections open", self.cfg.max_connections)
                 await stream.aclose()
                 return
+            if self._handshakes.available_tokens == 0 and self._pending:
+                # Every handshake slot is taken: drop the oldest, which has had the longest to
+                # finish. A real client needs milliseconds; a flood of connections that never
+                # finish cannot keep one out, and holds at most max_handshakes sockets.
+                oldest = next(iter(self._pending))
+                del self._pending[oldest]
+                oldest.cancel()
+                log.warning("dropping the oldest handshake in progress (%d in progress)",
+                            self.cfg.max_handshakes)  # fmt: skip
+            admitted: list[str] = []  # counted per user from the moment it is admitted
+
+            def authorize(key: bytes, user: str, peer: str | None) -> tuple[Grant | None, str]:
+                grant, why = self._authorize(key, user, peer)
+                if grant is not None:
+                    self._per_user[user] = self._per_user.get(user, 0) + 1
+                    admitted.append(user)
+                return grant, why
+
             async with self._conn_slots:
                 try:
-                    ch, user, grant = await accept(stream, self.identity, self._authorize)
-                except (HandshakeError, ProtocolError, trio.TooSlowError, ConnectionClosed, OSError,
-                        trio.BrokenResourceError, trio.ClosedResourceError) as e:  # fmt: skip
-                    self.stats["refused_total"] += 1
-                    log.info("handshake failed: %s", str(e) or type(e).__name__)
-                    with trio.CancelScope(shield=True):
-                        await stream.aclose()
-                    return
-                self.stats["connections"] += 1
-                self.stats["connections_total"] += 1
-                log.info("%s connected as %s", ch.peer, user)
-                try:
-                    session = Session(
-                        self.tree, Principal(user, grant, ch.peer), max_fids=self.cfg.max_fids
-                    )
-                    await session.serve(ch)
+                    await self._serve_one(stream, authorize)
                 finally:
-                    self.stats["connections"] -= 1
-                    log.info("%s (%s) disconnected", ch.peer, user)
+                    for user in admitted:
+                        self._per_user[user] -= 1
+                        if not self._per_user[user]:
+                            del self._per_user[user]
         except Exception:
             log.exception("connection handler failed")
+
+    async def _serve_one(self, stream: trio.abc.Stream, authorize: Authorizer) -> None:
+        scope = trio.CancelScope()
+        self._pending[scope] = None
+        try:
+            with scope:
+                async with self._handshakes:
+                    ch, user, grant = await accept(stream, self.identity, authorize)
+        except (HandshakeError, ProtocolError, trio.TooSlowError, ConnectionClosed, OSError,
+                trio.BrokenResourceError, trio.ClosedResourceError) as e:  # fmt: skip
+            self.stats["refused_total"] += 1
+            log.info("handshake failed: %s", str(e) or type(e).__name__)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        finally:
+            self._pending.pop(scope, None)
+        if scope.cancelled_caught:
+            self.stats["refused_total"] += 1
+            log.info("handshake dropped: the handshake slots were full")
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        self.stats["connections"] += 1
+        self.stats["connections_total"] += 1
+        log.info("%s connected as %s", ch.peer, user)
+        conn = _Conn(grant, user, None if ch.peer == "unix" else ch.peer, trio.CancelScope())
+        self._conns.add(conn)
+        try:
+            session = Session(
+                self.tree, Principal(user, grant, ch.peer), max_fids=self.cfg.max_fids
+            )
+            with conn.scope:
+                await session.serve(ch)
+        finally:
+            self._conns.discard(conn)
+            self.stats["connections"] -= 1
+            log.info("%s (%s) disconnected", ch.peer, user)
+
+    async def _revalidate(self) -> None:
+        """Close each open connection whose key was revoked, expired, or had its grant changed
+        (within REVALIDATE_EVERY seconds): a connection lives under the grant it was admitted
+        with only while that grant stands unchanged."""
+        while True:
+            await trio.sleep(REVALIDATE_EVERY)
+            for c in list(self._conns):
+                try:
+                    grant, why = self._check(c.grant.key, c.user, c.peer_ip)
+                except OSError as e:
+                    log.warning("cannot re-read %s: %s", self.users.path, e)
+                    break
+                if grant != c.grant:
+                    log.info("closing %s (%s): %s", c.peer_ip or "unix", c.user,
+                             why or "its grant has changed")  # fmt: skip
+                    c.scope.cancel()
 
     async def _listeners(self) -> list[trio.abc.Listener]:
         host, port = parse_addr(self.cfg.listen)
@@ -122,6 +217,7 @@ class NodeDaemon:
             addr = f"{sockname[0]}:{sockname[1]}"
         async with trio.open_nursery() as nursery:
             await nursery.start(self.jobs.run)
+            nursery.start_soon(self._revalidate)
             await nursery.start(trio.serve_listeners, self._handle, listeners)
             log.info("node %s listening on %s, key %s", self.cfg.name, addr,
                      fingerprint(bytes(self.identity.verify_key)))  # fmt: skip

@@ -15,6 +15,7 @@ json. A reader at the end of a spool waits on a trio Event, never polls.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
@@ -51,6 +52,8 @@ STATES = ("new", "running", "exited", "signalled", "failed", "lost")
 ENDED = ("exited", "signalled", "failed", "lost")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SIZE = re.compile(r"(\d+)([KMGkmg]?)\Z")
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded now: the child must not dlopen after fork
+PR_SET_NO_NEW_PRIVS = 38
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -88,18 +91,20 @@ def _parse_limit(kind: str, value: str) -> float:
     return n
 
 
-def _preexec(limits: dict[str, float]) -> Callable[[], None] | None:
-    """Set the job's rlimits in the child, between fork and exec."""
+def _preexec(limits: dict[str, float]) -> Callable[[], None]:
+    """In the child, between fork and exec (after it has become the job's account): no new
+    privileges from here on (setuid bits and file capabilities are ignored by exec), then
+    the job's rlimits."""
     table = [
         (resource.RLIMIT_CPU, "cpu", 1),  # hard one second later: SIGXCPU first, then KILL
         (resource.RLIMIT_AS, "mem", 0),
         (resource.RLIMIT_NPROC, "procs", 0),
     ]
     todo = [(res, int(limits[k]), extra) for res, k, extra in table if k in limits]
-    if not todo:
-        return None
 
     def apply() -> None:
+        if _LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
         for res, n, extra in todo:
             _, hard = resource.getrlimit(res)
             top = hard if hard != resource.RLIM_INFINITY else n + extra
@@ -108,18 +113,20 @@ def _preexec(limits: dict[str, float]) -> Callable[[], None] | None:
     return apply
 
 
-def _clean_env() -> dict[str, str]:
-    """What a job starts with (before its `env` words): nothing of the daemon's own settings.
-    The job runs as the daemon's account, so HOME and USER are that account's."""
-    try:
-        pw = pwd.getpwuid(os.geteuid())
-        home, user = pw.pw_dir, pw.pw_name
-    except KeyError:
-        home, user = "/", str(os.geteuid())
+def _clean_env(pw: pwd.struct_passwd | None = None) -> dict[str, str]:
+    """What a job starts with (before its `env` words): nothing of the daemon's own settings
+    but PATH and LANG. HOME, USER and LOGNAME are those of the account the job runs as."""
+    if pw is None:
+        try:
+            pw = pwd.getpwuid(os.geteuid())
+        except KeyError:
+            pw = None
+    home, user = (pw.pw_dir, pw.pw_name) if pw else ("/", str(os.geteuid()))
     return {
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
         "HOME": home,
         "USER": user,
+        "LOGNAME": user,
         "LANG": os.environ.get("LANG", "C.UTF-8"),
     }
 
@@ -269,6 +276,7 @@ class Job:
         self.stdin_lock = trio.Lock()
         self.io_lock = trio.Lock()  # orders metadata writes and the final rmtree
         self.entry: Dir | None = None
+        self.account: pwd.struct_passwd | None = None  # None: the daemon's own account
 
     # -- what it looks like ---------------------------------------------------------------
 
@@ -370,9 +378,19 @@ class JobTable:
     """Every job on the node. ``run`` (in the daemon's nursery) owns the children."""
 
     def __init__(
-        self, state: Path, *, node: str, keep: float = 3600.0, workdir: Path | None = None
+        self,
+        state: Path,
+        *,
+        node: str,
+        keep: float = 3600.0,
+        workdir: Path | None = None,
+        allow_root: bool = False,
+        max_per_user: int = 64,
     ) -> None:
         self.state, self.node, self.keep = state, node, keep
+        self.allow_root = allow_root  # a root daemon may run jobs as root
+        self.max_per_user = max_per_user  # jobs not yet ended, per user
+        self._making: dict[str, int] = {}
         self.workdir = workdir or state  # where a job runs unless it says `dir`
         self.jobs: dict[int, Job] = {}
         self._nursery: trio.Nursery | None = None
@@ -476,6 +494,41 @@ class JobTable:
     async def create(self, ctx: Ctx) -> Job:
         if ctx.read_only:
             raise NineError("EROFS", "this key may only read")
+        live = self._making.get(ctx.user, 0) + sum(
+            1 for j in self.jobs.values() if j.owner == ctx.user and j.state in ("new", "running")
+        )
+        if live >= self.max_per_user:
+            raise NineError(
+                "EAGAIN", f"{ctx.user} has {live} unfinished jobs (limit {self.max_per_user})"
+            )
+        self._making[ctx.user] = self._making.get(ctx.user, 0) + 1
+        try:
+            return await self._create(ctx)
+        finally:
+            self._making[ctx.user] -= 1
+            if not self._making[ctx.user]:
+                del self._making[ctx.user]
+
+    def account(self, user: str) -> pwd.struct_passwd | None:
+        """The local account a job of ``user`` runs as; None: the daemon's own. A daemon
+        running as root runs it as the account of the same name, never as root unless the
+        node allows it (``serve --allow-root-jobs``); EPERM otherwise."""
+        if os.geteuid() != 0:
+            return None  # the daemon cannot change accounts: its jobs run as itself
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            pw = None
+        if pw is not None and pw.pw_uid != 0:
+            return pw
+        if self.allow_root:
+            return None
+        why = "is root" if pw is not None else "has no local account"
+        raise NineError(
+            "EPERM", f"{user!r} {why} on node {self.node}, and jobs may not run as root here"
+        )
+
+    async def _create(self, ctx: Ctx) -> Job:
         async with self._id_lock:
             jid, self._next = self._next, self._next + 1
             # the counter is on disk before the id is handed out: ids are never reused
@@ -496,6 +549,9 @@ class JobTable:
         job.check_new(mode)
         if self._nursery is None:
             raise NineError("EAGAIN", "the job table is not running")
+        if any("\0" in a for a in argv):
+            raise NineError("EINVAL", f"{mode}: an argument may not hold NUL")
+        job.account = self.account(job.owner)
         job.mode, job.argv = mode, argv
         job.state = "running"  # claimed now: a second exec that races this one is refused
         try:
@@ -523,15 +579,21 @@ class JobTable:
             raise
 
     async def _supervise(self, job: Job, *, task_status: trio.TaskStatus[None]) -> None:
-        env = _clean_env() | job.env
+        pw = job.account
+        env = _clean_env(pw) | job.env
+        who = {}  # set by subprocess in the child before preexec_fn: groups, gid, then uid
+        if pw is not None:
+            groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+            who = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups)
         proc = await trio.lowlevel.open_process(
             job.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=job.cwd, env=env, start_new_session=True, preexec_fn=_preexec(job.limits),
+            cwd=job.cwd, env=env, start_new_session=True, preexec_fn=_preexec(job.limits), **who,
         )  # fmt: skip
         job.proc, job.pid, job.start = proc, proc.pid, time.time()
         with contextlib.suppress(psutil.Error):
             job.ctime = psutil.Process(proc.pid).create_time()
-        log.info("job %d: %s started, pid %d", job.id, job.cmd_text(), proc.pid)
+        log.info("job %d: %s started, pid %d, as %s", job.id, job.cmd_text(), proc.pid,
+                 pw.pw_name if pw else "the daemon's account")  # fmt: skip
         try:
             await job.save()
             task_status.started()
@@ -544,6 +606,8 @@ class JobTable:
                     job.error = f"time limit of {_num(job.limits['time'])}s passed"
                     self._signal_group(job, signal.SIGKILL)
                     await proc.wait()
+                # the group is the job: nothing it left behind outlives it (or its limits)
+                self._signal_group(job, signal.SIGKILL)
                 # the pipes end when the child does, unless something it left holds them
                 with trio.move_on_after(PIPE_GRACE):
                     await drained.wait()
@@ -653,9 +717,11 @@ class JobTable:
         async def env(args: list[str]) -> None:
             job.check_new("env")
             pairs = [a.partition("=") for a in args]
-            for k, eq, _ in pairs:
+            for k, eq, v in pairs:
                 if not eq or not _NAME.match(k):
                     raise NineError("EINVAL", f"env: want NAME=VALUE, got {k + eq!r}")
+                if "\0" in v:
+                    raise NineError("EINVAL", f"env: the value of {k} holds NUL")
             job.env.update({k: v for k, _, v in pairs})
             await job.save()
 

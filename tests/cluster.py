@@ -105,9 +105,16 @@ def make_identity(home: Path, user: str | None = None) -> Identity:
 
 
 def make_node(
-    base: Path, name: str, who: Identity | None, *, args: list[str] = (), **grant: object
+    base: Path,
+    name: str,
+    who: Identity | None,
+    *,
+    args: list[str] = (),
+    root_jobs: bool = True,
+    **grant: object,
 ) -> NodeProc:
-    """A node (not yet started) whose authorized-users file admits ``who``."""
+    """A node (not yet started) whose authorized-users file admits ``who``. ``root_jobs``:
+    the tests run as root, as user root, so by default the node lets jobs run as root."""
     state, export = base / name / "state", base / name / "export"
     state.mkdir(parents=True, exist_ok=True)
     export.mkdir(parents=True, exist_ok=True)
@@ -116,7 +123,8 @@ def make_node(
     env = dict(os.environ)
     env.pop("NINEFS_HOME", None)
     env["PYTHONUNBUFFERED"] = "1"
-    return NodeProc(name, state, export, list(args), env)
+    args = [*(["--allow-root-jobs"] if root_jobs else []), *args]
+    return NodeProc(name, state, export, args, env)
 
 
 @dataclass

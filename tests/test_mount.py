@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
+
+from .cluster import Identity, MountProc, NodeProc, force_unmount, make_node, write_namespace
 
 pytestmark = pytest.mark.fuse
+
+NINEFS = [sys.executable, "-m", "ninefs"]
 
 
 def sh(script: str, cwd: Path, timeout: float = 30) -> str:
@@ -16,6 +27,32 @@ def sh(script: str, cwd: Path, timeout: float = 30) -> str:
     )
     assert r.returncode == 0, f"{script!r} failed ({r.returncode}): {r.stderr}"
     return r.stdout
+
+
+def fails(script: str, cwd: Path, timeout: float = 30) -> str:
+    """Run with bash (dash's builtins report some errors as 'I/O error'); it must fail.
+    Returns its stderr, where the strerror text of the errno shows."""
+    r = subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True,
+                       timeout=timeout)  # fmt: skip
+    assert r.returncode != 0, f"{script!r} did not fail: {r.stdout} {r.stderr}"
+    return r.stderr
+
+
+def errno_of(code: str, cwd: Path) -> str:
+    """The errno name a Python snippet's OSError carries ('' if it raised none)."""
+    prog = f"import errno, os\ntry:\n    {code}\nexcept OSError as e:\n    print(errno.errorcode[e.errno])"
+    r = subprocess.run([sys.executable, "-c", prog], cwd=cwd, capture_output=True, text=True,
+                       timeout=30)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def mounted(mp: Path) -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == str(mp) for line in f)
+
+
+# -- the first page of DESIGN.md -----------------------------------------------------------
 
 
 def test_design_session(mount: Path) -> None:
@@ -48,3 +85,469 @@ def test_bad_ctl_word_is_einval(mount: Path) -> None:
                        cwd=mount, capture_output=True, text=True, timeout=30)  # fmt: skip
     assert r.returncode != 0 and "Invalid argument" in r.stderr
     assert "unknown command 'frobnicate'" in r.stdout
+
+
+# -- storage -------------------------------------------------------------------------------
+
+
+def test_storage_with_the_shell(mount: Path, cluster: list[NodeProc], tmp_path: Path) -> None:
+    exp = cluster[0].export
+    src = tmp_path / "src.txt"
+    src.write_bytes(b"x" * 5000)
+    s = "n/n1/storage"
+    sh(f"cp {src} {s}/a && cat {s}/a > {tmp_path}/out && cmp {src} {tmp_path}/out", mount)
+    assert (exp / "a").read_bytes() == b"x" * 5000
+    sh(f"cp {s}/a {tmp_path}/back && cmp {src} {tmp_path}/back", mount)
+    # ls -l shows true sizes; appending grows the file
+    sh(f"echo hello > {s}/h && echo world >> {s}/h", mount)
+    assert sh(f"cat {s}/h", mount) == "hello\nworld\n"
+    sizes = {ln.split()[-1]: int(ln.split()[4]) for ln in sh(f"ls -l {s}", mount).splitlines()[1:]}
+    assert sizes == {"a": 5000, "h": 12}
+    # > truncates through the open (O_TRUNC), truncate(1) through setattr
+    sh(f"echo short > {s}/a", mount)
+    assert sh(f"cat {s}/a; stat -c %s {s}/a", mount) == "short\n6\n"
+    sh(f"truncate -s 3 {s}/h && truncate -s 10 {s}/a", mount)
+    assert (exp / "h").read_bytes() == b"hel"
+    assert sh(f"stat -c %s {s}/a {s}/h", mount).split() == ["10", "3"]
+    assert (exp / "a").read_bytes() == b"short\n\0\0\0\0"
+    # new files and directories have the attributes asked for (umask applied)
+    sh(f"umask 022 && mkdir {s}/m && touch {s}/m/t && mkdir -m 701 {s}/m/u", mount)
+    assert sh(f"stat -c '%a %F' {s}/m {s}/m/u; stat -c '%a %s %F' {s}/m/t", mount).splitlines() == [
+        "755 directory", "701 directory", "644 0 regular empty file",
+    ]  # fmt: skip
+    sh(f"rm -r {s}/m", mount)
+    # directories, and mv within and across them: the renamed file stays readable
+    sh(f"mkdir {s}/d {s}/d/e && echo deep > {s}/d/e/f && mv {s}/h {s}/d/h2", mount)
+    assert sh(f"cat {s}/d/h2; echo; ls {s}/d", mount) == "hel\ne\nh2\n"
+    sh(f"mv {s}/d {s}/D && cat {s}/D/e/f && mv {s}/D/e {s}/e2 && mv {s}/D/h2 {s}/h3", mount)
+    assert sh(f"cat {s}/e2/f {s}/h3; echo; ls {s}; ls {s}/D", mount).split() == [
+        "deep", "hel", "D", "a", "e2", "h3",
+    ]  # fmt: skip
+    assert fails(f"cat {s}/D/e/f", mount).endswith("No such file or directory\n")
+    # a renamed directory's old inode is moved, not left behind: stat it often, both ways
+    for _ in range(3):
+        sh(f"mv {s}/e2 {s}/D/e && stat {s}/D/e/f >/dev/null && mv {s}/D/e {s}/e2", mount)
+        assert sh(f"cat {s}/e2/f", mount) == "deep\n"
+    # mv over an existing file replaces it
+    sh(f"echo new > {s}/n && mv {s}/n {s}/h3", mount)
+    assert sh(f"cat {s}/h3; ls {s}", mount).split() == ["new", "D", "a", "e2", "h3"]
+    # symbolic links
+    sh(f"ln -s h3 {s}/link && ln -s /nowhere {s}/dangling", mount)
+    assert sh(f"readlink {s}/link {s}/dangling; cat {s}/link", mount) == "h3\n/nowhere\nnew\n"
+    assert os.readlink(exp / "link") == "h3"
+    assert sh(f"stat -c %F {s}/link", mount) == "symbolic link\n"
+    # chmod and touch -d
+    sh(f"chmod 640 {s}/h3 && chmod 700 {s}/D", mount)
+    assert sh(f"stat -c %a {s}/h3 {s}/D", mount).split() == ["640", "700"]
+    assert (exp / "h3").stat().st_mode & 0o777 == 0o640
+    sh(f"touch -d '2001-02-03 04:05:06 UTC' {s}/h3", mount)
+    assert sh(f"TZ=UTC stat -c %y {s}/h3", mount).startswith("2001-02-03 04:05:06")
+    assert int((exp / "h3").stat().st_mtime) == 981173106
+    sh(f"touch {s}/new-empty && test -f {s}/new-empty && test ! -s {s}/new-empty", mount)
+    # rm, rmdir
+    sh(f"rm {s}/link {s}/dangling {s}/new-empty && rmdir {s}/D && rm -r {s}/e2", mount)
+    assert sorted(p.name for p in exp.iterdir()) == ["a", "h3"]
+    assert sh(f"ls -a {s}", mount).split() == [".", "..", "a", "h3"]
+    assert sh(f"ls -a {s}/..", mount).split() == [".", "..", "cpu", "jobs", "mem", "metrics",
+                                                  "node", "proc", "storage"]  # fmt: skip
+    # df on the mount gives the storage's filesystem
+    df = sh("df -P . | tail -1", mount).split()
+    assert df[0] == "ninefs" and int(df[1]) > 0
+    # a file changed on the node's disk shows through the mount at the next open
+    (exp / "a").write_text("changed on the node\n")
+    assert sh(f"cat {s}/a", mount) == "changed on the node\n"
+
+
+def test_storage_errors_keep_their_errno(mount: Path, cluster: list[NodeProc]) -> None:
+    s1, s2 = "n/n1/storage", "n/n2/storage"
+    sh(f"mkdir {s1}/full && echo x > {s1}/full/f && echo y > {s1}/y", mount)
+    assert "No such file or directory" in fails(f"cat {s1}/nope", mount)
+    assert "No such file or directory" in fails(f"rm {s1}/nope", mount)
+    assert "No such file or directory" in fails(f"mkdir {s1}/no/such", mount)
+    assert "Directory not empty" in fails(f"rmdir {s1}/full", mount)
+    assert "File exists" in fails(f"mkdir {s1}/full", mount)
+    assert "Not a directory" in fails(f"ls {s1}/y/z", mount)
+    assert "Is a directory" in fails(f"echo x > {s1}/full", mount)
+    assert errno_of(f"os.rmdir('{s1}/y')", mount) == "ENOTDIR"
+    assert errno_of(f"os.rmdir('{s1}/full')", mount) == "ENOTEMPTY"
+    assert errno_of(f"os.open('{s1}/y', os.O_CREAT | os.O_EXCL | os.O_WRONLY)", mount) == "EEXIST"
+    assert errno_of(f"os.rename('{s1}/y', '{s2}/y')", mount) == "EXDEV"
+    assert errno_of(f"os.rename('{s1}/full', '{s1}/full/f/x')", mount) in ("ENOTDIR", "EINVAL")
+    assert errno_of(f"os.link('{s1}/y', '{s1}/y2')", mount) == "EPERM"
+    assert errno_of(f"os.mkfifo('{s1}/fifo')", mount) == "EPERM"
+    # across nodes, mv copies and removes (as it does between filesystems)
+    sh(f"mv {s1}/y {s2}/y && cat {s2}/y && test ! -e {s1}/y", mount)
+    assert (cluster[1].export / "y").read_text() == "y\n"
+    # the namespace's own files and directories
+    assert "Permission denied" in fails("echo x > nodes", mount)
+    assert "Permission denied" in fails("mkdir n/foo", mount)
+    assert "Permission denied" in fails("echo x > jobs/clone", mount)
+    assert "No such file or directory" in fails("cat n/n9/cpu/load", mount)
+    assert errno_of("os.chmod('ctl', 0o600)", mount) == "EPERM"
+    # synthetic files: touch and the shell's O_TRUNC are harmless, chmod is refused
+    sh("touch n/n1/cpu/load && : > ctl && id=$(cat jobs/clone) && : > jobs/$id/ctl", mount)
+    assert "Operation not permitted" in fails("chmod 600 n/n1/cpu/load", mount)
+    assert "Permission denied" in fails("echo 1 > n/n1/cpu/load", mount)
+
+
+def test_big_file_round_trip(mount: Path, cluster: list[NodeProc], tmp_path: Path) -> None:
+    """100 MiB in and out through the mount, byte for byte (figures: run with -s)."""
+    src, back = tmp_path / "big.in", tmp_path / "big.out"
+    with open(src, "wb") as f:
+        for _ in range(100):
+            f.write(os.urandom(1 << 20))
+    want = xxhash.xxh128(src.read_bytes()).hexdigest()
+    t0 = time.monotonic()
+    sh(f"cp {src} n/n2/storage/big", mount, timeout=120)
+    t1 = time.monotonic()
+    sh(f"cp n/n2/storage/big {back}", mount, timeout=120)
+    t2 = time.monotonic()
+    assert xxhash.xxh128((cluster[1].export / "big").read_bytes()).hexdigest() == want
+    assert xxhash.xxh128(back.read_bytes()).hexdigest() == want
+    assert sh("stat -c %s n/n2/storage/big", mount) == f"{100 << 20}\n"
+    print(f"\n100 MiB through the mount: in {t1 - t0:.2f} s ({100 / (t1 - t0):.0f} MiB/s), "
+          f"out {t2 - t1:.2f} s ({100 / (t2 - t1):.0f} MiB/s)")  # fmt: skip
+
+
+# -- jobs ----------------------------------------------------------------------------------
+
+
+def test_twenty_jobs_in_parallel(mount: Path) -> None:
+    out = sh(
+        """for i in $(seq 1 20); do
+            ( id=$(cat jobs/clone) && echo "run echo out-$i; exit $((i % 4))" > jobs/$id/ctl && echo "$i $id" ) &
+        done
+        wait""",
+        mount,
+        timeout=60,
+    )
+    ids = dict(line.split() for line in out.splitlines())
+    assert len(ids) == 20 and len(set(ids.values())) == 20
+    assert all(re.fullmatch(r"n[123]\.\d+", j) for j in ids.values()), ids
+    assert len({j.split(".")[0] for j in ids.values()}) > 1, ids
+    script = "".join(
+        f"cat jobs/{j}/stdout; cat jobs/{j}/wait; head -1 jobs/{j}/status\n" for j in ids.values()
+    )
+    lines = sh(script, mount, timeout=60).splitlines()
+    for n, (i, j) in enumerate(ids.items()):
+        assert lines[3 * n : 3 * n + 3] == [
+            f"out-{i}",
+            f"exit {int(i) % 4}",
+            f"id {j.split('.')[1]}",
+        ]
+    listed = set(sh("ls jobs", mount).split())
+    assert "clone" in listed and set(ids.values()) <= listed
+    assert sh(f"ls jobs/{j}", mount).split() == [
+        "ctl",
+        "status",
+        "stderr",
+        "stdin",
+        "stdout",
+        "wait",
+    ]
+
+
+def test_cluster_job_ctl_node(mount: Path) -> None:
+    out = sh(
+        """id=$(cat jobs/clone)
+        echo 'node n3' > jobs/$id/ctl
+        echo 'exec echo placed' > jobs/$id/ctl
+        cat jobs/$id/stdout jobs/$id/wait
+        echo $id""",
+        mount,
+    )
+    placed, status, jid = out.splitlines()
+    assert (placed, status) == ("placed", "exit 0")
+    # the id the user holds still names it (and `ls jobs` lists it by that id); its ctl
+    # says where it ran: on n3
+    assert jid in sh("ls jobs", mount).split()
+    where = sh(f"cat jobs/{jid}/ctl", mount).split()
+    assert re.fullmatch(r"n3\.\d+", where[0]) and where[1] == "exited", where
+    assert sh(f"cat n/n3/jobs/{where[0].split('.')[1]}/stdout", mount) == "placed\n"
+    # after the start, placement words are refused
+    err = fails(
+        f"echo 'node n1' > jobs/{jid}/ctl; rc=$?; echo 'label gpu' > jobs/{jid}/ctl || exit $rc",
+        mount,
+    )
+    assert err.count("Invalid argument") == 2, err
+    assert "Invalid argument" in fails("id=$(cat jobs/clone); echo 'node' > jobs/$id/ctl", mount)
+
+
+# -- the namespace -------------------------------------------------------------------------
+
+
+def test_union_bind_and_ctl(mount: Path, cluster: list[NodeProc]) -> None:
+    n1, n2, n3 = (n.export for n in cluster)
+    (n1 / "one").write_text("from n1\n")
+    (n2 / "two").write_text("from n2\n")
+    (n3 / "three").write_text("from n3\n")
+    assert sh("ls n/n1/storage", mount).split() == ["one"]
+    sh("echo 'bind -a /n/n2/storage /n/n1/storage' > ctl", mount)
+    assert sh("ls n/n1/storage", mount).split() == ["one", "two"]
+    assert sh("cat n/n1/storage/two n/n1/storage/one", mount) == "from n2\nfrom n1\n"
+    sh("echo made > n/n1/storage/new && mkdir n/n1/storage/newdir", mount)
+    assert (n1 / "new").read_text() == "made\n" and (n1 / "newdir").is_dir()
+    assert not (n2 / "new").exists()
+    # a bind that replaces: n1's storage now shows n3's
+    sh("echo 'bind /n/n3/storage /n/n1/storage' > ctl", mount)
+    assert sh("ls n/n1/storage", mount).split() == ["three"]
+    assert "No such file or directory" in fails("cat n/n1/storage/one", mount)
+    sh("echo 'bind -b /n/n2/storage /n/n3/storage'", mount)
+    # mount and unmount at run time
+    sh(f"echo 'mount {cluster[1].addr} again' > ctl", mount)
+    assert sh("ls n", mount).split() == ["again", "n1", "n2", "n3"]
+    assert sh("cat n/again/node/name", mount) == "n2\n"
+    assert f"mount {cluster[1].addr} again" in sh("cat ctl", mount)
+    sh("echo 'unmount again' > ctl", mount)
+    assert sh("ls n", mount).split() == ["n1", "n2", "n3"]
+    assert "No such file or directory" in fails("ls n/again", mount)
+    assert [ln.split()[0] for ln in sh("cat nodes", mount).splitlines()] == ["n1", "n2", "n3"]
+    # bad lines are EINVAL, and change nothing
+    for bad in (
+        "frob x",
+        "bind -x /n/n1 /n/n2",
+        "mount nowhere:port n5",
+        "mount 127.0.0.1:1 a/b",
+        "bind /n/n1",
+        "unmount",
+    ):
+        assert "Invalid argument" in fails(f"echo '{bad}' > ctl", mount), bad
+    assert "No such file or directory" in fails("echo 'unmount n9' > ctl", mount)
+    assert "No such file or directory" in fails("echo 'bind /nothing /n/x' > ctl", mount)
+    assert "No such file or directory" in fails("echo 'bind -a /n/n2/nothing /n/x' > ctl", mount)
+    assert sh("ls n", mount).split() == ["n1", "n2", "n3"]
+
+
+@pytest.fixture
+def labelled(tmp_path: Path, identity: Identity, cluster: list[NodeProc]) -> Iterator[tuple[Path, list[NodeProc]]]:  # fmt: skip
+    """n1..n3 and a fourth node, gpu, started with --label gpu; mounted from a namespace file
+    with comments and binds."""
+    gpu = make_node(tmp_path, "gpu", identity, args=["--label", "gpu"]).start()
+    try:
+        ns = tmp_path / "namespace.commented"
+        ns.write_text(
+            "# the cluster, as a user writes it\n"
+            f"mount {cluster[0].addr} n1   # the first\n"
+            f"mount {cluster[1].addr} n2\n"
+            "\n"
+            f"  mount {gpu.addr} gpu\n"
+            "bind -a /n/n2/storage /n/n1/storage  # n2's files show in n1's\n"
+            "bind /n/gpu/node /n/n1/gpunode\n"
+        )
+        mp = MountProc(tmp_path / "mnt2", ns, identity.home)
+        try:
+            mp.start()
+            yield mp.mountpoint, [cluster[0], cluster[1], gpu]
+        finally:
+            mp.stop()
+    finally:
+        gpu.stop()
+
+
+def test_namespace_file_and_label(labelled: tuple[Path, list[NodeProc]]) -> None:
+    mp, (n1, n2, gpu) = labelled
+    assert sh("ls n", mp).split() == ["gpu", "n1", "n2"]
+    (n2.export / "from-n2").write_text("2\n")
+    assert "from-n2" in sh("ls n/n1/storage", mp).split()
+    assert sh("cat n/n1/gpunode/name n/n1/gpunode/labels", mp) == "gpu\ngpu\n"
+    out = sh(
+        """for i in 1 2 3; do
+            id=$(cat jobs/clone)
+            echo 'label gpu' > jobs/$id/ctl
+            echo 'run cat /proc/sys/kernel/hostname >/dev/null; echo on-gpu' > jobs/$id/ctl
+            cat jobs/$id/stdout
+            cut -d' ' -f1 jobs/$id/ctl
+        done""",
+        mp,
+    )
+    lines = out.splitlines()
+    assert lines[0::2] == ["on-gpu"] * 3
+    assert all(re.fullmatch(r"gpu\.\d+", w) for w in lines[1::2]), lines
+    assert len(set(lines[1::2])) == 3
+    # no node has the label: the start fails, and says why
+    err = fails("id=$(cat jobs/clone); echo 'label tpu' > jobs/$id/ctl; echo 'exec true' > jobs/$id/ctl", mp)  # fmt: skip
+    assert "Host is down" in err, err
+
+
+# -- blocking reads --------------------------------------------------------------------------
+
+
+def test_blocked_wait_holds_only_itself(mount: Path) -> None:
+    jid = sh("id=$(cat jobs/clone); echo 'exec sleep 60' > jobs/$id/ctl; echo $id", mount).strip()
+    node = jid.split(".")[0]
+    waiters = [subprocess.Popen(["cat", f"jobs/{jid}/wait"], cwd=mount, stdout=subprocess.PIPE)
+               for _ in range(3)]  # fmt: skip
+    try:
+        # wait until the three reads are in the node's hands: the job's status says nothing
+        # about readers, so look at the readers themselves (blocked in a read of the mount)
+        deadline = time.monotonic() + 10
+        while not all(_in_fuse_read(p.pid) for p in waiters):
+            assert time.monotonic() < deadline, "the readers never blocked"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        out = sh(
+            f"""cat nodes
+            cat n/{node}/cpu/load n/n1/node/name n/n2/node/name n/n3/node/name
+            ls n/{node}/storage jobs >/dev/null
+            echo ok > n/{node}/storage/while-blocked && cat n/{node}/storage/while-blocked
+            head -3 jobs/{jid}/status""",
+            mount,
+            timeout=10,
+        )
+        assert time.monotonic() - t0 < 5
+        assert "ok\n" in out and "state running" in out
+        assert all(p.poll() is None for p in waiters)
+        # SIGTERM to one reader ends it (the node is told: Tflush), the others wait on
+        t0 = time.monotonic()
+        waiters[0].send_signal(signal.SIGTERM)
+        assert waiters[0].wait(5) == -signal.SIGTERM
+        assert time.monotonic() - t0 < 1.5
+        assert all(p.poll() is None for p in waiters[1:])
+        assert "state running" in sh(f"cat jobs/{jid}/status", mount)
+        # the job ends: the others read its end
+        sh(f"echo kill > jobs/{jid}/ctl", mount)
+        for p in waiters[1:]:
+            out, _ = p.communicate(timeout=10)
+            assert out == b"signal KILL\n"
+    finally:
+        for p in waiters:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def _in_fuse_read(pid: int) -> bool:
+    """``pid`` sleeps in the kernel waiting on a FUSE request."""
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return stat[0] in ("S", "D") and ("fuse" in wchan or "request_wait_answer" in wchan)
+
+
+def test_interrupting_a_blocked_wait(mount: Path) -> None:
+    jid = sh("id=$(cat jobs/clone); echo 'exec sleep 60' > jobs/$id/ctl; echo $id", mount).strip()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # a foreground process, as if the user pressed Ctrl-C in the terminal
+        p = subprocess.Popen(["cat", f"jobs/{jid}/wait"], cwd=mount, stdout=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while not _in_fuse_read(p.pid):
+                assert time.monotonic() < deadline, "cat never blocked"
+                time.sleep(0.02)
+            t0 = time.monotonic()
+            p.send_signal(sig)
+            assert p.wait(5) == -sig
+            assert time.monotonic() - t0 < 1.5, time.monotonic() - t0
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+    # the job still runs; the mount said it flushed the read on the wire
+    assert "state running" in sh(f"cat jobs/{jid}/status", mount)
+    log = (mount.parent / f"mount-{mount.name}.log").read_text()
+    assert log.count("interrupted by a signal") == 2, log[-2000:]
+    sh(f"echo kill > jobs/{jid}/ctl && cat jobs/{jid}/wait", mount)
+
+
+# -- the CLI --------------------------------------------------------------------------------
+
+
+def test_cli_mount_and_umount(tmp_path: Path, identity: Identity, cluster: list[NodeProc]) -> None:
+    ns = write_namespace(tmp_path / "ns", cluster)
+    mp = tmp_path / "bg"
+    mp.mkdir()
+    env = dict(os.environ, NINEFS_HOME=str(identity.home))
+    try:
+        r = subprocess.run([*NINEFS, "mount", str(mp), "--ns", str(ns), "--log", str(tmp_path / "bg.log")],
+                           capture_output=True, text=True, timeout=30, env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert mounted(mp)
+        pid = int(re.search(r"pid (\d+)", r.stdout).group(1))
+        assert sh("cat n/n2/node/name", mp) == "n2\n"
+        r = subprocess.run([*NINEFS, "umount", str(mp)], capture_output=True, text=True,
+                           timeout=30, env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert not mounted(mp)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+            assert time.monotonic() < deadline, "the mount process did not end"
+            time.sleep(0.05)
+        # umount of something that is not mounted: one line, non-zero
+        r = subprocess.run([*NINEFS, "umount", str(mp)], capture_output=True, text=True,
+                           timeout=30, env=env)  # fmt: skip
+        assert r.returncode != 0 and r.stderr.startswith("ninefs umount:")
+        assert len(r.stderr.strip().splitlines()) == 1
+    finally:
+        force_unmount(mp)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_cli_mount_errors(tmp_path: Path, identity: Identity) -> None:
+    ns = tmp_path / "ns"
+    ns.write_text("mount 127.0.0.1:9 n1\n")
+    env = dict(os.environ, NINEFS_HOME=str(identity.home))
+
+    def mount_err(mp: Path, **extra: str) -> str:
+        r = subprocess.run([*NINEFS, "mount", str(mp), "--ns", str(ns)], capture_output=True,
+                           text=True, timeout=30, env=dict(env, **extra))  # fmt: skip
+        assert r.returncode != 0 and not mounted(mp)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        return lines[0]
+
+    assert "does not exist" in mount_err(tmp_path / "missing")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").touch()
+    assert "not empty" in mount_err(full)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = mount_err(empty, NINEFS_HOME=str(tmp_path / "nokey"))
+    assert "no key" in err and "ninefs keygen" in err
+
+
+def test_demo(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1")
+    env.pop("NINEFS_HOME", None)
+    p = subprocess.Popen([*NINEFS, "demo", "--nodes", "2"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, text=True, start_new_session=True)  # fmt: skip
+    mp = None
+    try:
+        deadline = time.monotonic() + 40
+        text = ""
+        while "Try" not in text:
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
+            line = p.stdout.readline()
+            text += line
+            if m := re.search(r"mounted at (\S+)", line):
+                mp = Path(m.group(1))
+        assert mp is not None and mounted(mp)
+        base = mp.parent
+        assert base.parent == tmp_path and base.name.startswith("ninefs-demo-")
+        assert [ln.split()[0] for ln in sh("cat nodes", mp).splitlines()] == ["n1", "n2"]
+        out = sh("id=$(cat jobs/clone); echo 'run echo hi' > jobs/$id/ctl; cat jobs/$id/stdout", mp)
+        assert out == "hi\n"
+        sh("cp /etc/hostname n/n2/storage/ && ls -l n/n2/storage", mp)
+        nodes = [int(x) for x in subprocess.run(["pgrep", "-f", f"ninefs -v serve .*{base}"],
+                 capture_output=True, text=True).stdout.split()]  # fmt: skip
+        assert len(nodes) == 2
+        os.killpg(p.pid, signal.SIGINT)
+        p.wait(30)
+        assert not mounted(mp)
+        assert not base.exists()
+        assert all(_state(pid) in ("gone", "Z") for pid in nodes)
+        assert not subprocess.run(["pgrep", "-f", str(base)], capture_output=True).stdout
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+        if mp is not None:
+            force_unmount(mp)
