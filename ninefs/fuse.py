@@ -20,6 +20,7 @@ import logging
 import os
 import stat as st
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from .namespace import LocalSrc, Namespace, NodeSrc, Path_
 
 log = logging.getLogger(__name__)
 
+MAX_HELD_FIDS = 1024  # fids the mount keeps per inode, over all nodes (a node allows 4096)
 STORAGE_TTL = 1.0  # seconds the kernel may cache storage attributes and entries
 ENTRY_TTL = 1.0  # synthetic names are stable; their contents are never cached
 SIGNAL_POLL = 0.2
@@ -134,6 +136,7 @@ class NinefsOps(pyfuse3.Operations):
         self.started_ns = time.time_ns()  # the times of the namespace's own files
         root = Vnode(pyfuse3.ROOT_INODE, (), LocalSrc(()), "dir", nlookup=1)
         self.vnodes: dict[int, Vnode] = {root.ino: root}
+        self._held: OrderedDict[int, Vnode] = OrderedDict()  # vnodes holding a fid, LRU first
         self.by_path: dict[Path_, Vnode] = {(): root}
         self.files: dict[int, OpenFile] = {}
         self._next_ino = pyfuse3.ROOT_INODE + 1
@@ -228,7 +231,19 @@ class NinefsOps(pyfuse3.Operations):
             self.by_path[path] = v
         return v
 
+    def _keep_fid(self, v: Vnode, fid: int, gen: int) -> None:
+        """Let ``v`` hold ``fid``. Held fids are bounded (least recently used go first), since
+        a node allows each connection only so many and ``ls -l`` of a big directory looks
+        up every entry."""
+        self._drop_fid(v)
+        v.fid, v.gen = fid, gen
+        self._held[v.ino] = v
+        while len(self._held) > MAX_HELD_FIDS:
+            _, old = self._held.popitem(last=False)
+            self._drop_fid(old)
+
     def _drop_fid(self, v: Vnode) -> None:
+        self._held.pop(v.ino, None)
         if v.fid is not None and isinstance(v.src, NodeSrc):
             conn = self.ns.nodes.get(v.src.node)
             fid, gen = v.fid, v.gen
@@ -256,8 +271,9 @@ class NinefsOps(pyfuse3.Operations):
         client, gen = self._client(v.src.node)
         if v.fid is None or v.gen != gen:
             fid, _ = await client.walk(conn.root, v.src.path)
-            self._drop_fid(v)
-            v.fid, v.gen = fid, gen
+            self._keep_fid(v, fid, gen)
+        else:
+            self._held.move_to_end(v.ino)
         return client, v.fid
 
     async def _clone(self, v: Vnode) -> tuple[Client, int, int]:
@@ -335,8 +351,8 @@ class NinefsOps(pyfuse3.Operations):
                     err = e
                 continue
             v = self._vnode_for(path, src, self._kind(s))
-            self._drop_fid(v)
-            v.fid, v.gen, v.stat = fid, gen, s
+            self._keep_fid(v, fid, gen)
+            v.stat = s
             return v
         raise err or NineError("ENOENT", "/".join(path))
 
@@ -721,6 +737,7 @@ class NinefsOps(pyfuse3.Operations):
         path = (*parent.path, os.fsdecode(name))
         v = await self._resolve(path)
         client, fid = await self._fid(v)
+        self._held.pop(v.ino, None)
         v.fid, v.gen = None, -1  # Tremove clunks it, whatever the outcome
         await client.remove(fid)
         if self.by_path.get(path) is v:

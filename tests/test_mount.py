@@ -551,3 +551,18 @@ def test_demo(tmp_path: Path) -> None:
             p.wait(10)
         if mp is not None:
             force_unmount(mp)
+
+
+def test_many_files_stay_within_the_fid_limit(mount: Path, cluster) -> None:
+    """ls -l, stat and open-read-close of 5,000 files: more than a node's per-connection fid
+    limit (4096), so the mount must not hold a fid for every inode it has seen."""
+    d = cluster[0].export / "many"
+    d.mkdir()
+    for i in range(5000):
+        (d / f"f{i:04d}").write_text(f"{i}\n")
+    listing = sh("ls -l n/n1/storage/many | tail -n +2 | wc -l", mount, timeout=120)
+    assert int(listing) == 5000
+    out = sh(
+        "cd n/n1/storage/many && stat -c %s f* | sort -u && cat f* | wc -l", mount, timeout=120
+    )
+    assert out.split() == ["2", "3", "4", "5", "5000"]
