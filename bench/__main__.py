@@ -16,6 +16,7 @@ import time
 
 # In the order they run. Each entry is a module of this package.
 WORKLOADS: list[str] = [
+    "rtt",  # per-request overhead: µs per round trip for ping, synthetic and storage loops
     "protocol",  # the wire alone: sealed vs plain, latency and throughput over loopback TCP
     "seqio",  # sequential read/write through the mount vs sshfs and the local disk
     "meta",  # ls -l, stat, open-read-close of many small files vs sshfs

@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from ninefs import config
-from ninefs.protocol.errors import NineError
+from ninefs.protocol.errors import NineError, collapse_groups
 from ninefs.protocol.keys import KnownNodes
 
 from .fuse import NinefsOps
@@ -77,6 +77,7 @@ async def run_mount(
     *,
     user: str,
     ready: Callable[[Namespace], None] | None = None,
+    origin: str = "namespace",
 ) -> None:
     """Mount, serve until SIGINT/SIGTERM, unmount. ``ready(ns)`` runs once it is mounted."""
     identity = config.identity()
@@ -86,7 +87,7 @@ async def run_mount(
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(ns.run)
-                await ns.load(ns_lines)
+                await ns.load(ns_lines, origin)
                 with trio.move_on_after(CONNECT_WAIT):
                     for conn in list(ns.nodes.values()):
                         await conn.wait_state(CONNECT_WAIT)
@@ -157,7 +158,12 @@ def mount_main(args: argparse.Namespace) -> None:
             os.close(ready_fd)
 
     try:
-        trio.run(lambda: run_mount(mountpoint, lines, user=args.user, ready=ready))
+        with collapse_groups():
+            trio.run(
+                lambda: run_mount(
+                    mountpoint, lines, user=args.user, ready=ready, origin=str(ns_path)
+                )
+            )
     except NineError as e:
         sys.exit(f"ninefs mount: {e.message}")
     except RuntimeError as e:

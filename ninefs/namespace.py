@@ -136,6 +136,13 @@ class Namespace:
             self.table[n] = [src]
         else:
             current = self.table.get(n) or self.resolve(n)
+            # places where nothing exists (the root's own tree below a new name) add nothing
+            # to a union, and must not come first and refuse every create
+            current = [
+                c
+                for c in current
+                if not (isinstance(c, LocalSrc) and self.local_kind(c.path) is None)
+            ]
             self.table[n] = [*current, src] if flag == "-a" else [src, *current]
 
     async def load(self, lines: Iterable[str], origin: str = "namespace") -> None:

@@ -120,7 +120,11 @@ class Client:
         if the node does not answer within FLUSH_TIMEOUT."""
         if self.closed.is_set():
             raise self._lost()
-        await self._tags.acquire()
+        if self._tags.value:  # a tag is free: no trip through the scheduler to take it
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._tags.acquire_nowait()
+        else:
+            await self._tags.acquire()
         tag = self._free_tags.pop()
         slot = self._pending[tag] = _Slot()
         msg.tag = tag

@@ -9,6 +9,7 @@ ProtocolError. Nothing here touches a socket.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -304,12 +305,15 @@ def is_request(msg: Msg) -> bool:
     return msg.TYPE in REQUESTS
 
 
+_pack = msgpack.Packer().pack  # one packer: packb makes a new one per call; resets on error
+
+
 def encode(msg: Msg) -> bytes:
     """The body of one frame: the msgpack header, then the raw payload if the type has one."""
     cls = type(msg)
     header = [cls.TYPE, msg.tag]
     header.extend(getattr(msg, name) for name, _ in _FIELDS[cls])
-    packed = msgpack.packb(header)
+    packed = _pack(header)
     if cls in _HAS_DATA:
         return packed + msg.data
     return packed
@@ -319,29 +323,45 @@ _VIEW_MIN = 64 << 10  # Rread payloads at least this long stay views of their fr
 _HEAD_PEEK = 16 << 10  # headers of messages that carry payloads are far smaller than this
 
 
+_LIMITS = dict(
+    raw=False, strict_map_key=True, max_str_len=MAXSTR * 4, max_bin_len=0,
+    max_array_len=MAXENTRIES, max_map_len=16, max_ext_len=0,
+)  # fmt: skip
+_SMALL = 4096  # frames up to this long are decoded by one unpackb call
+_unpackb = functools.partial(msgpack.unpackb, **_LIMITS)
+
+
+def _decode_big(view: memoryview) -> tuple[Any, memoryview]:
+    # A fresh unpacker per frame: msgpack unpackers are never reused after an error.
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(view), 1), **_LIMITS)
+    unpacker.feed(view[:_HEAD_PEEK])
+    try:
+        header = unpacker.unpack()
+    except msgpack.OutOfData:
+        if len(view) <= _HEAD_PEEK:
+            raise
+        unpacker.feed(view[_HEAD_PEEK:])
+        header = unpacker.unpack()
+    return header, view[unpacker.tell() :]
+
+
 def decode(body: bytes | bytearray | memoryview) -> Msg:
     """Decode one frame body; raises ProtocolError for anything that is not a valid message."""
     view = memoryview(body)
-    # A fresh unpacker per frame: msgpack unpackers are never reused after an error.
-    unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=True, max_buffer_size=max(len(view), 1),
-        max_str_len=MAXSTR * 4, max_bin_len=0, max_array_len=MAXENTRIES, max_map_len=16,
-        max_ext_len=0,
-    )  # fmt: skip
     try:
-        unpacker.feed(view[:_HEAD_PEEK])
-        try:
-            header = unpacker.unpack()
-        except msgpack.OutOfData:
-            if len(view) <= _HEAD_PEEK:
-                raise
-            unpacker.feed(view[_HEAD_PEEK:])
-            header = unpacker.unpack()
+        if len(view) <= _SMALL:
+            # A small frame in one call (no Unpacker to build): the header, and whatever
+            # follows it (a small payload, or stray bytes) as ExtraData's copy of the rest.
+            try:
+                header, rest = _unpackb(view), view[len(view) :]
+            except msgpack.ExtraData as e:
+                header, rest = e.unpacked, view[len(view) - len(e.extra) :]
+        else:
+            header, rest = _decode_big(view)
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises many kinds; all mean a bad frame
         raise ProtocolError(f"undecodable header: {type(e).__name__}") from None
-    rest = view[unpacker.tell() :]
     if type(header) is not list or len(header) < 2:
         raise ProtocolError("a message header is [type, tag, ...]")
     cls = _BY_TYPE.get(header[0]) if type(header[0]) is int else None

@@ -36,11 +36,23 @@ class Fid:
     closed: trio.Event = field(default_factory=trio.Event)
 
 
-@dataclass
 class _Request:
-    scope: trio.CancelScope
-    done: trio.Event
-    replying: bool = False  # the reply is being sent: the client may already reuse the tag
+    __slots__ = ("scope", "done", "replying")
+
+    def __init__(self, scope: trio.CancelScope, done: trio.Event) -> None:
+        self.scope = scope
+        self.done = done
+        self.replying = False  # the reply is being sent: the client may already reuse the tag
+
+
+async def _take(sem: trio.Semaphore) -> None:
+    """``sem.acquire()`` without a trip through the scheduler when a unit is free (a
+    pending cancellation is still taken, as acquire would)."""
+    if sem.value:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sem.acquire_nowait()
+    else:
+        await sem.acquire()
 
 
 def _clip(text: str) -> str:
@@ -127,10 +139,13 @@ class Session:
             if (old is not None and not old.replying) or msg.tag == m.NOTAG:
                 raise ProtocolError(f"tag {msg.tag} is already in use")
             if isinstance(msg, m.Tflush):
-                await self._flushes.acquire()  # bounded: stop reading when too many wait
+                await _take(self._flushes)  # bounded: stop reading when too many wait
                 nursery.start_soon(self._flush, msg)
                 continue
-            await self._admitted.acquire()  # backpressure: stop reading when too much is queued
+            if type(msg) is m.Tping:  # answered inline: no task, nothing to wait for
+                await self._send(m.Rping(msg.tag))
+                continue
+            await _take(self._admitted)  # backpressure: stop reading when too much is queued
             req = _Request(trio.CancelScope(), trio.Event())
             self.requests[msg.tag] = req
             nursery.start_soon(self._run, msg, req)
@@ -140,8 +155,11 @@ class Session:
             reply: m.Msg | None = None
             try:
                 with req.scope:
-                    async with self._slots:  # a Tflush may cancel the wait for a slot too
+                    await _take(self._slots)  # a Tflush may cancel the wait for a slot too
+                    try:
                         reply = await self._handlers[type(msg)](msg)
+                    finally:
+                        self._slots.release()
             except NineError as e:
                 reply = m.Rerror(msg.tag, e.ename, _clip(e.message))
             except OSError as e:

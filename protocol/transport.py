@@ -8,7 +8,6 @@ runs the client's handshake; ``accept`` runs the node's. Both give a ``Channel``
 from __future__ import annotations
 
 import logging
-import math
 import socket
 from collections.abc import Callable
 
@@ -87,6 +86,10 @@ class Channel:
         self.peer = peer
         self._reader = reader
         self._sock = getattr(stream, "socket", None)  # big frames are received into place
+        # trio's non-blocking stdlib socket under it, for sends that complete at once
+        self._raw = getattr(self._sock, "_sock", None)
+        if not isinstance(self._raw, socket.socket):
+            self._raw = None
         self._sealer = Sealer(keys.send)
         self._recv_key = keys.recv
         self._opener: Opener | None = None
@@ -102,7 +105,15 @@ class Channel:
         self._reader.limit = plaintext_limit + ABYTES
 
     async def send(self, body: bytes) -> None:
-        async with self._send_lock:
+        lock = self._send_lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            # Uncontended: take the lock without a trip through the scheduler (acquire()
+            # would yield even when the lock is free); a pending cancellation is still
+            # taken below, before sealing.
+            lock.acquire_nowait()
+        try:
             # Sealing moves the stream's counter on, so a sealed frame must reach the peer
             # whole: take a pending cancellation now, before sealing; a send interrupted
             # after that (cancelled while blocked on a full socket) may have left half a
@@ -113,9 +124,9 @@ class Channel:
             # sealed in place behind room for the length: one buffer, no copies
             sealed = self._sealer.seal_framed(body, LEN_SIZE)
             _LEN.pack_into(sealed, 0, len(sealed) - LEN_SIZE)
+            if not self._header_sent:
+                sealed = frame(self._sealer.header) + sealed
             try:
-                if not self._header_sent:
-                    await self._send_raw(frame(self._sealer.header))
                 await self._send_raw(sealed)
             except BaseException:
                 self._broken = "a send was interrupted in the middle of a frame"
@@ -123,10 +134,23 @@ class Channel:
                     await self.stream.aclose()
                 raise
             self._header_sent = True
+        finally:
+            lock.release()
 
-    async def _send_raw(self, data: bytes) -> None:
+    async def _send_raw(self, data: bytes | bytearray) -> None:
         try:
-            await self.stream.send_all(data)
+            sent = 0
+            if self._raw is not None:
+                # The whole frame usually fits the socket buffer: one send(2) with no trip
+                # through the scheduler; whatever does not fit goes through trio below.
+                try:
+                    sent = self._raw.send(data)
+                except BlockingIOError:
+                    pass
+                if sent == len(data):
+                    return
+            with memoryview(data) as view:
+                await self.stream.send_all(view[sent:])
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise ConnectionClosed(str(e) or "connection closed") from None
 
@@ -145,10 +169,14 @@ class Channel:
             if part is not None:
                 return await self._receive_into(*part, deadline)
             try:
-                with trio.move_on_at(deadline if deadline is not None else math.inf) as late:
-                    data = await self.stream.receive_some(max(self._reader.needed(), 65536))
-                if late.cancelled_caught:
-                    raise ProtocolError(f"a frame was not completed within {FRAME_TIMEOUT:g}s")
+                size = max(self._reader.needed(), 65536)
+                if deadline is None:  # between frames: no deadline, no cancel scope to set up
+                    data = await self.stream.receive_some(size)
+                else:
+                    with trio.move_on_at(deadline) as late:
+                        data = await self.stream.receive_some(size)
+                    if late.cancelled_caught:
+                        raise ProtocolError(f"a frame was not completed within {FRAME_TIMEOUT:g}s")
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 raise ConnectionClosed(str(e) or "connection closed") from None
             if not data:

@@ -53,6 +53,7 @@ _OPEN = os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 _ACCESS = {m.OREAD: os.O_RDONLY, m.OWRITE: os.O_WRONLY, m.ORDWR: os.O_RDWR, m.OEXEC: os.O_RDONLY}
 _PERM = 0o1777  # the bits create and chmod may set: never setuid or setgid
 _MAX_OFFSET = 2**63 - 1
+_INLINE_READ = 64 << 10  # reads up to this many bytes run on the loop, larger in a thread
 
 
 def tree(export: Path) -> Mount:
@@ -348,23 +349,33 @@ class StorageHandle(Handle):
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        self._wrote = False
 
     async def read(self, offset: int, count: int) -> bytes:
         if offset > _MAX_OFFSET:
             raise NineError("EINVAL", "offset out of range")
+        if count <= _INLINE_READ or os.fstat(self._fd).st_size - offset <= _INLINE_READ:
+            # small (as asked, or as what is left of the file): a thread hop (two wake-ups
+            # across CPUs) costs more than the pread
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return os.pread(self._fd, count, offset)
         return await _thread(os.pread, self._fd, count, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
         if offset > _MAX_OFFSET:
             raise NineError("EINVAL", "offset out of range")
         # with O_APPEND, Linux's pwrite appends whatever the offset: that is OAPPEND
+        self._wrote = True
         return await _thread(os.pwrite, self._fd, data, offset)
 
     async def fsync(self) -> None:
         await _thread(os.fsync, self._fd)
 
     async def close(self) -> None:
-        await _thread(os.close, self._fd)
+        if self._wrote:
+            await _thread(os.close, self._fd)  # may flush to a slow filesystem
+        else:
+            os.close(self._fd)  # nothing written: close(2) has nothing to wait for
 
 
 class DirHandle(StorageHandle):

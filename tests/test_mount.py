@@ -566,3 +566,18 @@ def test_many_files_stay_within_the_fid_limit(mount: Path, cluster) -> None:
         "cd n/n1/storage/many && stat -c %s f* | sort -u && cat f* | wc -l", mount, timeout=120
     )
     assert out.split() == ["2", "3", "4", "5", "5000"]
+
+
+def test_bad_namespace_line_is_one_clear_error(tmp_path: Path, identity) -> None:
+    ns = tmp_path / "ns"
+    ns.write_text("# a comment\nfrobnicate everything\n")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-m", "ninefs", "mount", str(mp), "-f", "--ns", str(ns)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "NINEFS_HOME": str(identity.home)},
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert f"{ns}:2" in r.stderr and "unknown command 'frobnicate'" in r.stderr
+    force_unmount(mp)
