@@ -50,9 +50,23 @@ class FrameReader:
         end = LEN_SIZE + length
         if len(self._buf) < end:
             return None
-        body = bytes(self._buf[LEN_SIZE:end])
+        with memoryview(self._buf) as view:
+            body = bytes(view[LEN_SIZE:end])  # one copy, not a slice and then a copy
         del self._buf[:end]
         return body
+
+    def whole(self, data: bytes) -> memoryview | None:
+        """The body of ``data`` if it is exactly one whole frame and nothing is buffered
+        (the usual case for small requests and replies): no copy through the buffer.
+        None otherwise, and ``data`` is then to be fed."""
+        if self._buf or len(data) < LEN_SIZE:
+            return None
+        (length,) = _LEN.unpack_from(data)
+        if length > self.limit:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.limit}")
+        if len(data) != LEN_SIZE + length:
+            return None
+        return memoryview(data)[LEN_SIZE:]
 
     def start_frame(self, min_size: int) -> tuple[bytearray, int] | None:
         """For a frame of at least ``min_size`` bytes that has begun but is not complete: a

@@ -58,6 +58,7 @@ class Opener:
         self._state = nb.crypto_secretstream_xchacha20poly1305_state()
         nb.crypto_secretstream_xchacha20poly1305_init_pull(self._state, header, key)
         self._broken = False
+        self._tag = ffi.new("unsigned char *")
 
     def open(self, ciphertext: bytes | bytearray | memoryview) -> bytearray:
         if self._broken:
@@ -70,7 +71,7 @@ class Opener:
             self._broken = True
             raise ProtocolError("a sealed frame of a bad length")
         plaintext = bytearray(n)
-        tag = ffi.new("unsigned char *")
+        tag = self._tag
         rc = lib.crypto_secretstream_xchacha20poly1305_pull(
             self._state.statebuf, ffi.from_buffer(_UCHARS, plaintext), ffi.NULL, tag,
             ffi.from_buffer(_UCHARS, ciphertext), len(ciphertext), ffi.NULL, 0,

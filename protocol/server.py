@@ -142,9 +142,6 @@ class Session:
                 await _take(self._flushes)  # bounded: stop reading when too many wait
                 nursery.start_soon(self._flush, msg)
                 continue
-            if type(msg) is m.Tping:  # answered inline: no task, nothing to wait for
-                await self._send(m.Rping(msg.tag))
-                continue
             await _take(self._admitted)  # backpressure: stop reading when too much is queued
             req = _Request(trio.CancelScope(), trio.Event())
             self.requests[msg.tag] = req

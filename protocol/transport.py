@@ -181,6 +181,9 @@ class Channel:
                 raise ConnectionClosed(str(e) or "connection closed") from None
             if not data:
                 raise ConnectionClosed("connection closed by peer")
+            body = self._reader.whole(data)
+            if body is not None:
+                return body
             self._reader.feed(data)
 
     async def _receive_into(self, body: bytearray, got: int, deadline: float) -> bytearray:
@@ -202,7 +205,7 @@ class Channel:
     async def receive(self) -> bytes:
         """The next plaintext frame body; ConnectionClosed at the end, ProtocolError if bad."""
         if self._opener is None:
-            self._opener = Opener(self._recv_key, await self._receive_raw())
+            self._opener = Opener(self._recv_key, bytes(await self._receive_raw()))
         return self._opener.open(await self._receive_raw())
 
     async def aclose(self) -> None:
