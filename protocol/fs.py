@@ -63,6 +63,10 @@ class Handle:
 class File:
     """A file in a tree. Files are values: ``walk`` makes a new one and never changes this."""
 
+    # Where ".." leads from the root of a tree mounted inside another (set by the tree that
+    # mounts it); a root without one stays where it is, so ".." never climbs out of a tree.
+    up: File | None = None
+
     @property
     def qid(self) -> Qid:
         raise NotImplementedError

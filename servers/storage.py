@@ -199,7 +199,7 @@ class StorageFile(File):
         if name == ".":
             return self
         if name == "..":
-            return self._loc[0] or self
+            return self._loc[0] or self.up or self
         self._need_dir()
         _check_name(name)
         try:

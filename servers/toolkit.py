@@ -263,7 +263,9 @@ class SynthFile(File):
 
     async def _file(self, child: Entry) -> File:
         if isinstance(child, Mount):
-            return await _call(child.attach, self.ctx)
+            root = await _call(child.attach, self.ctx)
+            root.up = self
+            return root
         return SynthFile(child, self.ctx, f"{self.path.rstrip('/')}/{child.name}", self)
 
     def _stat(self) -> m.Stat:

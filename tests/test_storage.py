@@ -376,20 +376,26 @@ async def test_symlinks(client, node):
             await client.symlink(root, "target.txt", "elsewhere")
 
 
-async def test_dotdot_stays_in_export(client, node):
+async def test_dotdot_never_leaves_the_node_tree(client, node):
+    """`..` from the export's top leads to the node's root (as a mount point's parent
+    should), never to the host directory that holds the export."""
     (node.export / "sub").mkdir()
     (node.export / "inside").write_text("x")
+    (node.export.parent / "outside").write_text("host file")
     with trio.fail_after(T):
-        _, qids = await client.walk(client.root, ["storage"])
-        top = qids[-1]
-        for names in (["storage", ".."], ["storage", "..", ".."], ["storage", "sub", "..", ".."]):
+        root = await client.stat(client.root)
+        for names in (["storage", ".."], ["storage", "..", ".."], ["storage", "sub", "..", ".."],
+                      ["storage", "..", "..", "..", ".."]):  # fmt: skip
             fid, qids = await client.walk(client.root, names)
-            assert qids[-1] == top, names
+            assert qids[-1] == root.qid, names
             await client.open(fid, m.OREAD)
-            assert {e.name for e in await client.readdir(fid, 0)} == {"sub", "inside"}
+            names_there = {e.name for e in await client.readdir(fid, 0)}
+            assert "storage" in names_there and "outside" not in names_there
             await client.clunk(fid)
-        fid, _ = await client.walk(client.root, ["storage", "..", "..", "inside"])
+        fid, _ = await client.walk(client.root, ["storage", "sub", "..", "..", "storage", "inside"])
         assert await read_all_open(client, fid) == b"x"
+        with pytest.raises(NineError):
+            await client.walk(client.root, ["storage", "..", "outside"])
 
 
 async def read_all_open(client: Client, fid: int) -> bytes:
