@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import trio
 
 from ninefs import config
 from ninefs.protocol.keys import AuthorizedUsers, Grant, load_or_create
+from ninefs.servers.daemon import read_ready_line
 
 from .mount import MountError, check_mountpoint, run_mount
 
@@ -48,15 +48,10 @@ def _start_node(base: Path, name: str, pub: bytes, user: str) -> tuple[subproces
            "--allow-root-jobs"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     log.close()
-    deadline = time.monotonic() + START_TIMEOUT
-    line = b""
-    while not line.endswith(b"\n"):
-        r, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(proc.stdout.fileno(), 1) if r else b""
-        if not chunk:
-            raise RuntimeError(f"node {name} did not start; see {base / (name + '.log')}")
-        line += chunk
-    return proc, line.split()[1].decode()
+    addr = read_ready_line(proc.stdout, START_TIMEOUT)
+    if addr is None:
+        raise RuntimeError(f"node {name} did not start; see {base / (name + '.log')}")
+    return proc, addr
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import trio
 
@@ -235,6 +238,20 @@ async def run_daemon(cfg: NodeConfig, ready_fd: int | None = None) -> None:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def read_ready_line(stdout: IO[bytes], timeout: float) -> str | None:
+    """The address a `ninefs serve` child reports once it listens (its first stdout line,
+    ``listening ADDR KEY``); None if it exits or says nothing for ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(stdout.fileno(), 1) if ready else b""
+        if not chunk:
+            return None
+        line += chunk
+    return line.split()[1].decode()
 
 
 def main(cfg: NodeConfig) -> None:

@@ -12,13 +12,13 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nacl.signing
 
 from ninefs.protocol.keys import AuthorizedUsers, Grant, load_or_create
+from ninefs.servers.daemon import read_ready_line
 
 READY_TIMEOUT = 20.0
 
@@ -44,21 +44,15 @@ class NodeProc:
             cmd, stdout=subprocess.PIPE, stderr=logf, env=self.env, start_new_session=True
         )
         logf.close()
-        deadline = time.monotonic() + READY_TIMEOUT
-        line = b""
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            r, _, _ = select.select([self.proc.stdout], [], [], max(left, 0))
-            if not r:
+        addr = read_ready_line(self.proc.stdout, READY_TIMEOUT)
+        if addr is None:
+            if self.proc.poll() is None:
                 self.kill()
                 raise TimeoutError(
                     f"node {self.name} did not start: {self.log.read_text()[-2000:]}"
                 )
-            chunk = os.read(self.proc.stdout.fileno(), 1)
-            if not chunk:
-                raise RuntimeError(f"node {self.name} exited: {self.log.read_text()[-2000:]}")
-            line += chunk
-        self.addr = line.split()[1].decode()
+            raise RuntimeError(f"node {self.name} exited: {self.log.read_text()[-2000:]}")
+        self.addr = addr
         return self
 
     def signal(self, sig: int) -> None:
