@@ -340,12 +340,7 @@ class NinefsOps(pyfuse3.Operations):
             try:
                 conn = self.ns.nodes.get(src.node)
                 client, gen = self._client(src.node)
-                fid, _ = await client.walk(conn.root, src.path)
-                try:
-                    s = await client.stat(fid)
-                except BaseException:
-                    self.nursery.start_soon(self._clunk, client, fid)
-                    raise
+                fid, _, s = await client.walk_stat(conn.root, src.path)
             except NineError as e:
                 if err is None or err.ename == "ENOENT":
                     err = e

@@ -218,19 +218,36 @@ class Client:
         self, fid: int, names: list[str] | tuple[str, ...] = ()
     ) -> tuple[int, list[m.Qid]]:
         """A new fid for ``names`` under ``fid`` (a clone if empty); ENOENT on a partial walk."""
+        newfid, qids, _ = await self._walk(fid, names, False)
+        return newfid, qids
+
+    async def walk_stat(
+        self, fid: int, names: list[str] | tuple[str, ...]
+    ) -> tuple[int, list[m.Qid], m.Stat]:
+        """As ``walk``, and the stat of the file reached, in one round trip (Twalkstat)."""
+        newfid, qids, st = await self._walk(fid, names, True)
+        assert st is not None
+        return newfid, qids, st
+
+    async def _walk(
+        self, fid: int, names: list[str] | tuple[str, ...], with_stat: bool
+    ) -> tuple[int, list[m.Qid], m.Stat | None]:
         newfid = self.new_fid()
         qids: list[m.Qid] = []
         names, src, made = list(names), fid, False
         try:
             while True:
                 part, names = names[: m.MAXWELEM], names[m.MAXWELEM :]
+                if with_stat and not names:  # the last piece brings the stat along
+                    r = await self.rpc(m.Twalkstat(0, src, newfid, part))
+                    return newfid, [*qids, *r.qids], r.stat
                 r = await self.rpc(m.Twalk(0, src, newfid, part))
                 if len(r.qids) < len(part):
                     raise NineError("ENOENT", f"no {part[len(r.qids)]!r}")
                 made, src = True, newfid
                 qids.extend(r.qids)
                 if not names:
-                    return newfid, qids
+                    return newfid, qids, None
         except NineError as e:
             # The node answered: newfid exists only if an earlier piece of the walk made it
             # (or we cannot know, when the answer never came).

@@ -296,6 +296,10 @@ class Rreadlink(Msg): target: Str
 class Tping(Msg): pass
 @_message(201)
 class Rping(Msg): pass
+@_message(202)
+class Twalkstat(Msg): fid: u32; newfid: u32; names: Names
+@_message(203)
+class Rwalkstat(Msg): qids: list[Qid]; stat: Stat
 # fmt: on
 
 REQUESTS = frozenset(t for t in _BY_TYPE if t % 2 == 0)

@@ -101,7 +101,7 @@ class Session:
             m.Tclunk: self.clunk, m.Tremove: self.remove, m.Tstat: self.stat,
             m.Twstat: self.wstat, m.Treaddir: self.readdir, m.Trename: self.rename,
             m.Tfsync: self.fsync, m.Tstatfs: self.statfs, m.Tsymlink: self.symlink,
-            m.Treadlink: self.readlink, m.Tping: self.ping,
+            m.Treadlink: self.readlink, m.Tping: self.ping, m.Twalkstat: self.walkstat,
         }  # fmt: skip
 
     # -- the loop ----------------------------------------------------------------------
@@ -279,28 +279,50 @@ class Session:
         self._new_fid(msg.fid, root)
         return m.Rattach(msg.tag, root.qid)
 
-    async def walk(self, msg: m.Twalk) -> m.Msg:
-        f = self._fid(msg.fid)
+    async def _walk(
+        self, fid: int, newfid: int, names: list[str]
+    ) -> tuple[Fid, File | None, list[m.Qid]]:
+        """Walk ``names`` from ``fid``: the file reached (None for a partial walk) and the
+        qids on the way. Nothing is bound yet: ``_bind`` does that."""
+        f = self._fid(fid)
         if f.handle is not None:
             raise NineError("EBADF", "cannot walk an open fid")
-        if msg.newfid != msg.fid and msg.newfid in self.fids:
-            raise NineError("EBADF", f"fid {msg.newfid} is in use")
+        if newfid != fid and newfid in self.fids:
+            raise NineError("EBADF", f"fid {newfid} is in use")
         file, qids = f.file, []
-        for i, name in enumerate(msg.names):
+        for i, name in enumerate(names):
             try:
                 file = await file.walk(name)
             except NineError:
                 if i == 0:
                     raise
-                return m.Rwalk(msg.tag, qids)  # a partial walk: newfid is not made
+                return f, None, qids  # a partial walk: newfid is not made
             qids.append(file.qid)
-        if msg.newfid == msg.fid:
-            if self.fids.get(msg.fid) is not f:
-                raise NineError("EBADF", f"fid {msg.fid} was clunked during the walk")
+        return f, file, qids
+
+    def _bind(self, f: Fid, fid: int, newfid: int, file: File) -> None:
+        if newfid == fid:
+            if self.fids.get(fid) is not f:
+                raise NineError("EBADF", f"fid {fid} was clunked during the walk")
             f.file = file
         else:
-            self._new_fid(msg.newfid, file)
+            self._new_fid(newfid, file)
+
+    async def walk(self, msg: m.Twalk) -> m.Msg:
+        f, file, qids = await self._walk(msg.fid, msg.newfid, msg.names)
+        if file is not None:
+            self._bind(f, msg.fid, msg.newfid, file)
         return m.Rwalk(msg.tag, qids)
+
+    async def walkstat(self, msg: m.Twalkstat) -> m.Msg:
+        # Twalk and Tstat in one round trip: what a lookup needs (the stat comes first, so
+        # a failed stat leaves no newfid behind)
+        f, file, qids = await self._walk(msg.fid, msg.newfid, msg.names)
+        if file is None:
+            raise NineError("ENOENT", f"{msg.names[len(qids)]}: no such file")
+        st = await file.stat()
+        self._bind(f, msg.fid, msg.newfid, file)
+        return m.Rwalkstat(msg.tag, qids, st)
 
     def _open_mode_check(self, mode: int) -> None:
         if (mode & 3) in (m.OWRITE, m.ORDWR) or mode & (m.OTRUNC | m.ORCLOSE):

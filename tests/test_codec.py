@@ -81,6 +81,8 @@ EXAMPLES: list[m.Msg] = [
     m.Rreadlink(18, "/abs/target"),
     m.Tping(0xFFFE),
     m.Rping(0xFFFE),
+    m.Twalkstat(19, 1, 2, ["jobs", "17", "status"]),
+    m.Rwalkstat(19, [QID, QID, QID], STAT),
 ]
 
 

@@ -593,3 +593,21 @@ async def test_handshake_garbage_is_refused_without_a_reply(node, identity, clie
 
 def test_protocol_error_is_the_base_of_handshake_errors():
     assert issubclass(Refused, ProtocolError)
+
+
+async def test_walkstat_is_walk_and_stat_in_one(client):
+    with trio.fail_after(T):
+        fid, qids, st = await client.walk_stat(client.root, ["cpu", "load"])
+        try:
+            assert qids[-1] == st.qid and st.name == "load"
+            assert await client.stat(fid) == st
+        finally:
+            await client.clunk(fid)
+        # a partial walk is ENOENT, and the new fid is not made
+        newfid = client.new_fid()
+        with pytest.raises(NineError) as e:
+            await client.rpc(m.Twalkstat(0, client.root, newfid, ["cpu", "nothing"]))
+        assert e.value.ename == "ENOENT"
+        with pytest.raises(NineError) as e:
+            await client.stat(newfid)
+        assert e.value.ename == "EBADF"
