@@ -534,12 +534,9 @@ class NinefsOps(pyfuse3.Operations):
         if isinstance(v.src, LocalSrc):
             await self._open_local(of, v.src.path, flags)
             return pyfuse3.FileInfo(fh=self._new_fh(of), direct_io=True, keep_cache=False)
-        client, gen, fid = await self._clone(v)
-        try:
-            r = await client.open(fid, _mode_9p(flags))
-        except BaseException:
-            self.nursery.start_soon(self._clunk, client, fid)
-            raise
+        conn = self.ns.nodes.get(v.src.node)
+        client, gen = self._client(v.src.node)
+        fid, r = await client.walk_open(conn.root, v.src.path, _mode_9p(flags))
         of.node, of.gen, of.fid, of.flags = v.src.node, gen, fid, r.flags
         synthetic = bool(r.flags & m.OF_SYNTHETIC) or not v.storage
         keep = not synthetic and v.version == r.qid.version

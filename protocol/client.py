@@ -229,6 +229,34 @@ class Client:
         assert st is not None
         return newfid, qids, st
 
+    async def walk_open(
+        self, fid: int, names: list[str] | tuple[str, ...], mode: int
+    ) -> tuple[int, m.Rwalkopen]:
+        """A new fid for ``names`` under ``fid``, opened with ``mode``, in one round trip
+        (Twalkopen) when the path fits one walk."""
+        if len(names) > m.MAXWELEM:
+            newfid, _ = await self.walk(fid, names)
+            try:
+                r = await self.open(newfid, mode)
+            except BaseException:
+                await self._clunk_quietly(newfid)
+                raise
+            return newfid, m.Rwalkopen(r.tag, r.qid, r.iounit, r.flags)
+        newfid = self.new_fid()
+        try:
+            return newfid, await self.rpc(m.Twalkopen(0, fid, newfid, list(names), mode))
+        except NineError as e:
+            if e.ename != "ETIMEDOUT":
+                self._free_fid(newfid)  # the node answered: newfid was not made
+            elif self._bg is not None:
+                self._bg.start_soon(self._clunk_quietly, newfid)
+            else:
+                await self._clunk_quietly(newfid)
+            raise
+        except BaseException:
+            await self._clunk_quietly(newfid)
+            raise
+
     async def _walk(
         self, fid: int, names: list[str] | tuple[str, ...], with_stat: bool
     ) -> tuple[int, list[m.Qid], m.Stat | None]:

@@ -300,6 +300,10 @@ class Rping(Msg): pass
 class Twalkstat(Msg): fid: u32; newfid: u32; names: Names
 @_message(203)
 class Rwalkstat(Msg): qids: list[Qid]; stat: Stat
+@_message(204)
+class Twalkopen(Msg): fid: u32; newfid: u32; names: Names; mode: u32
+@_message(205)
+class Rwalkopen(Msg): qid: Qid; iounit: u32; flags: u32
 # fmt: on
 
 REQUESTS = frozenset(t for t in _BY_TYPE if t % 2 == 0)

@@ -102,6 +102,7 @@ class Session:
             m.Twstat: self.wstat, m.Treaddir: self.readdir, m.Trename: self.rename,
             m.Tfsync: self.fsync, m.Tstatfs: self.statfs, m.Tsymlink: self.symlink,
             m.Treadlink: self.readlink, m.Tping: self.ping, m.Twalkstat: self.walkstat,
+            m.Twalkopen: self.walkopen,
         }  # fmt: skip
 
     # -- the loop ----------------------------------------------------------------------
@@ -339,6 +340,23 @@ class Session:
             raise NineError("EBADF", "fid changed while opening")
         f.handle, f.mode = h, msg.mode
         return m.Ropen(msg.tag, f.file.qid, self._iounit(h), h.flags)
+
+    async def walkopen(self, msg: m.Twalkopen) -> m.Msg:
+        # Twalk and Topen in one round trip: what an open(2) needs. newfid is made only
+        # once the open has succeeded.
+        f, file, qids = await self._walk(msg.fid, msg.newfid, msg.names)
+        if file is None:
+            raise NineError("ENOENT", f"{msg.names[len(qids)]}: no such file")
+        self._open_mode_check(msg.mode)
+        h = await file.open(msg.mode)
+        try:
+            self._bind(f, msg.fid, msg.newfid, file)
+        except BaseException:
+            await h.close()
+            raise
+        nf = self.fids[msg.newfid]
+        nf.handle, nf.mode = h, msg.mode
+        return m.Rwalkopen(msg.tag, file.qid, self._iounit(h), h.flags)
 
     def _iounit(self, h: Handle) -> int:
         limit = self.msize - m.HEADER_ROOM

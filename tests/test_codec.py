@@ -83,6 +83,8 @@ EXAMPLES: list[m.Msg] = [
     m.Rping(0xFFFE),
     m.Twalkstat(19, 1, 2, ["jobs", "17", "status"]),
     m.Rwalkstat(19, [QID, QID, QID], STAT),
+    m.Twalkopen(20, 1, 2, ["cpu", "load"], m.OREAD),
+    m.Rwalkopen(20, QID, 8192, m.OF_SYNTHETIC | m.OF_STREAM),
 ]
 
 

@@ -611,3 +611,25 @@ async def test_walkstat_is_walk_and_stat_in_one(client):
         with pytest.raises(NineError) as e:
             await client.stat(newfid)
         assert e.value.ename == "EBADF"
+
+
+async def test_walkopen_is_walk_and_open_in_one(client):
+    with trio.fail_after(T):
+        fid, r = await client.walk_open(client.root, ["node", "name"], m.OREAD)
+        try:
+            assert r.flags & m.OF_SYNTHETIC
+            assert await client.read(fid, 0, 100) == b"n1\n"
+        finally:
+            await client.clunk(fid)
+        # a failed open leaves no fid behind; so does a partial walk
+        for names, mode, ename in (
+            (["cpu", "load"], m.OWRITE, "EACCES"),
+            (["cpu", "none"], m.OREAD, "ENOENT"),
+        ):
+            newfid = client.new_fid()
+            with pytest.raises(NineError) as e:
+                await client.rpc(m.Twalkopen(0, client.root, newfid, names, mode))
+            assert e.value.ename == ename
+            with pytest.raises(NineError) as e:
+                await client.stat(newfid)
+            assert e.value.ename == "EBADF"
