@@ -245,16 +245,8 @@ class Client:
         newfid = self.new_fid()
         try:
             return newfid, await self.rpc(m.Twalkopen(0, fid, newfid, list(names), mode))
-        except NineError as e:
-            if e.ename != "ETIMEDOUT":
-                self._free_fid(newfid)  # the node answered: newfid was not made
-            elif self._bg is not None:
-                self._bg.start_soon(self._clunk_quietly, newfid)
-            else:
-                await self._clunk_quietly(newfid)
-            raise
-        except BaseException:
-            await self._clunk_quietly(newfid)
+        except BaseException as e:
+            await self._abandon(newfid, e)
             raise
 
     async def _walk(
@@ -276,19 +268,21 @@ class Client:
                 qids.extend(r.qids)
                 if not names:
                     return newfid, qids, None
-        except NineError as e:
-            # The node answered: newfid exists only if an earlier piece of the walk made it
-            # (or we cannot know, when the answer never came).
-            if e.ename == "ETIMEDOUT" and self._bg is not None:
-                self._bg.start_soon(self._clunk_quietly, newfid)  # not past the deadline
-            elif made or e.ename == "ETIMEDOUT":
-                await self._clunk_quietly(newfid)
-            else:
-                self._free_fid(newfid)
+        except BaseException as e:
+            await self._abandon(newfid, e, made)
             raise
-        except BaseException:
+
+    async def _abandon(self, newfid: int, exc: BaseException, made: bool = False) -> None:
+        """Forget ``newfid`` after a call that was to make it failed with ``exc``. If the
+        node answered with an error, it exists only if an earlier step made it; if the
+        answer never came (a deadline, a cancel), we cannot know, so it is clunked."""
+        answered = isinstance(exc, NineError) and exc.ename != "ETIMEDOUT"
+        if answered and not made:
+            self._free_fid(newfid)
+        elif isinstance(exc, NineError) and not answered and self._bg is not None:
+            self._bg.start_soon(self._clunk_quietly, newfid)  # not past the caller's deadline
+        else:
             await self._clunk_quietly(newfid)
-            raise
 
     async def _clunk_quietly(self, fid: int) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIMEOUT):
