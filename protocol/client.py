@@ -361,12 +361,16 @@ class Client:
         return self.root if self.root is not None else await self.attach()
 
     async def walk_path(self, path: str) -> int:
-        return (await self.walk(await self._root(), split_path(path)))[0]
+        # Twalkstat, not Twalk: a walk that stops short says why (EACCES, ENOTDIR, ...)
+        return (await self.walk_stat(await self._root(), split_path(path)))[0]
+
+    async def open_path(self, path: str, mode: int) -> int:
+        """A new fid for ``path``, open with ``mode``."""
+        return (await self.walk_open(await self._root(), split_path(path), mode))[0]
 
     async def read_file(self, path: str, timeout: float | None = DATA_TIMEOUT) -> bytes:
-        fid = await self.walk_path(path)
+        fid = await self.open_path(path, m.OREAD)
         try:
-            await self.open(fid, m.OREAD)
             chunks, offset = [], 0
             while data := await self.read(fid, offset, self.iounit, timeout):
                 chunks.append(data)
@@ -376,17 +380,15 @@ class Client:
             await self._clunk_quietly(fid)
 
     async def write_file(self, path: str, data: bytes, *, truncate: bool = True) -> int:
-        fid = await self.walk_path(path)
+        fid = await self.open_path(path, m.OWRITE | (m.OTRUNC if truncate else 0))
         try:
-            await self.open(fid, m.OWRITE | (m.OTRUNC if truncate else 0))
             return await self.write(fid, 0, data)
         finally:
             await self._clunk_quietly(fid)
 
     async def list_dir(self, path: str) -> list[m.Stat]:
-        fid = await self.walk_path(path)
+        fid = await self.open_path(path, m.OREAD)
         try:
-            await self.open(fid, m.OREAD)
             out: list[m.Stat] = []
             while batch := await self.readdir(fid, len(out)):
                 out.extend(batch)

@@ -95,7 +95,7 @@ class Session:
         self._slots = trio.Semaphore(max_inflight)
         self._admitted = trio.Semaphore(max_inflight + max_queued)
         self._flushes = trio.Semaphore(max_flushes)  # Tflushes waiting for their request
-        self._handlers: dict[type, Callable[[m.Msg], Awaitable[m.Msg]]] = {
+        self._handlers: dict[type, Callable[[m.Msg], Awaitable[m.Msg | bytes]]] = {
             m.Tattach: self.attach, m.Twalk: self.walk, m.Topen: self.open,
             m.Tcreate: self.create, m.Tread: self.read, m.Twrite: self.write,
             m.Tclunk: self.clunk, m.Tremove: self.remove, m.Tstat: self.stat,
@@ -150,7 +150,7 @@ class Session:
 
     async def _run(self, msg: m.Msg, req: _Request) -> None:
         try:
-            reply: m.Msg | None = None
+            reply: m.Msg | bytes | None = None
             try:
                 with req.scope:
                     await _take(self._slots)  # a Tflush may cancel the wait for a slot too
@@ -175,9 +175,9 @@ class Session:
             req.done.set()
             self._admitted.release()
 
-    async def _send(self, reply: m.Msg) -> None:
+    async def _send(self, reply: m.Msg | bytes) -> None:
         try:
-            body = m.encode(reply)
+            body = reply if isinstance(reply, bytes) else m.encode(reply)  # bytes: encoded
         except Exception:  # e.g. a name with lone surrogates: fail this request, not the session
             log.exception("%s: cannot encode %s", self.channel.peer, type(reply).__name__)
             body = m.encode(m.Rerror(reply.tag, "EIO", "the reply could not be encoded"))
@@ -281,10 +281,11 @@ class Session:
         return m.Rattach(msg.tag, root.qid)
 
     async def _walk(
-        self, fid: int, newfid: int, names: list[str]
+        self, fid: int, newfid: int, names: list[str], whole: bool = False
     ) -> tuple[Fid, File | None, list[m.Qid]]:
         """Walk ``names`` from ``fid``: the file reached (None for a partial walk) and the
-        qids on the way. Nothing is bound yet: ``_bind`` does that."""
+        qids on the way. Nothing is bound yet: ``_bind`` does that. ``whole``: a partial
+        walk is the error of the name that failed (Twalkstat, Twalkopen)."""
         f = self._fid(fid)
         if f.handle is not None:
             raise NineError("EBADF", "cannot walk an open fid")
@@ -295,7 +296,7 @@ class Session:
             try:
                 file = await file.walk(name)
             except NineError:
-                if i == 0:
+                if i == 0 or whole:
                     raise
                 return f, None, qids  # a partial walk: newfid is not made
             qids.append(file.qid)
@@ -315,15 +316,19 @@ class Session:
             self._bind(f, msg.fid, msg.newfid, file)
         return m.Rwalk(msg.tag, qids)
 
-    async def walkstat(self, msg: m.Twalkstat) -> m.Msg:
+    async def walkstat(self, msg: m.Twalkstat) -> bytes:
         # Twalk and Tstat in one round trip: what a lookup needs (the stat comes first, so
         # a failed stat leaves no newfid behind)
-        f, file, qids = await self._walk(msg.fid, msg.newfid, msg.names)
-        if file is None:
-            raise NineError("ENOENT", f"{msg.names[len(qids)]}: no such file")
+        f, file, qids = await self._walk(msg.fid, msg.newfid, msg.names, whole=True)
+        assert file is not None
         st = await file.stat()
+        try:  # encoded before the bind: a reply that cannot be sent must not leave newfid
+            body = m.encode(m.Rwalkstat(msg.tag, qids, st))
+        except Exception:
+            log.exception("%s: cannot encode the stat of %s", self.channel.peer, msg.names)
+            raise NineError("EIO", "the reply could not be encoded") from None
         self._bind(f, msg.fid, msg.newfid, file)
-        return m.Rwalkstat(msg.tag, qids, st)
+        return body
 
     def _open_mode_check(self, mode: int) -> None:
         if (mode & 3) in (m.OWRITE, m.ORDWR) or mode & (m.OTRUNC | m.ORCLOSE):
@@ -344,9 +349,8 @@ class Session:
     async def walkopen(self, msg: m.Twalkopen) -> m.Msg:
         # Twalk and Topen in one round trip: what an open(2) needs. newfid is made only
         # once the open has succeeded.
-        f, file, qids = await self._walk(msg.fid, msg.newfid, msg.names)
-        if file is None:
-            raise NineError("ENOENT", f"{msg.names[len(qids)]}: no such file")
+        f, file, qids = await self._walk(msg.fid, msg.newfid, msg.names, whole=True)
+        assert file is not None
         self._open_mode_check(msg.mode)
         h = await file.open(msg.mode)
         try:
