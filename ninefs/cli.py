@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         state=Path(args.state),
         labels=args.label or [],
         keep=args.keep,
-        allow_root_jobs=args.allow_root_jobs,
+        allow_root=args.allow_root,
         max_connections=args.max_connections,
         max_user_connections=args.max_user_connections,
         max_user_jobs=args.max_user_jobs,
@@ -211,9 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", type=float, default=3600.0, help="seconds a finished job is kept (default 3600)"
     )
     s.add_argument(
-        "--allow-root-jobs",
+        "--allow-root",
+        "--allow-root-jobs",  # its name before it covered /storage too
+        dest="allow_root",
         action="store_true",
-        help="when running as root, let a user who maps to root (or to no account) run jobs as root",
+        help="when running as root, let a user who maps to root (or to no local account) "
+        "run jobs and use /storage as root",
     )
     s.add_argument("--max-connections", type=int, default=256, help="in all (default 256)")
     s.add_argument("--max-user-connections", type=int, default=64, help="per user (default 64)")

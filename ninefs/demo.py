@@ -45,7 +45,7 @@ def _start_node(base: Path, name: str, pub: bytes, user: str) -> tuple[subproces
     log = open(base / f"{name}.log", "wb")
     cmd = [sys.executable, "-m", "ninefs", "-v", "serve", "--name", name, "--listen", "127.0.0.1:0",
            "--state", str(state), "--export", str(export),
-           "--allow-root-jobs"]  # fmt: skip
+           "--allow-root"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     log.close()
     addr = read_ready_line(proc.stdout, START_TIMEOUT)

@@ -32,6 +32,7 @@ from ninefs.protocol.transport import (
 )
 
 from . import cpu, jobs, metrics, proc, storage
+from .accounts import Policy
 from .root import NodeTree, base_entries
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class NodeConfig:
     max_user_connections: int = 64  # established, per user
     max_fids: int = 4096  # per connection
     max_user_jobs: int = 64  # jobs not yet ended, per user
-    allow_root_jobs: bool = False  # a root daemon may run a job as root
+    allow_root: bool = False  # a root daemon may act as root for users without an account
 
 
 @dataclass(eq=False)
@@ -71,15 +72,16 @@ class NodeDaemon:
         cfg.state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity = load_or_create(cfg.state / "key")
         self.users = AuthorizedUsers(cfg.state / "authorized_users")
+        policy = Policy(cfg.name, cfg.allow_root)  # whose rights jobs and /storage use
         self.jobs = jobs.JobTable(cfg.state / "jobs", node=cfg.name, keep=cfg.keep, workdir=cfg.export,
-                                  allow_root=cfg.allow_root_jobs, max_per_user=cfg.max_user_jobs)  # fmt: skip
+                                  policy=policy, max_per_user=cfg.max_user_jobs)  # fmt: skip
         self.stats = {"connections": 0, "connections_total": 0, "refused_total": 0}
         entries = base_entries(cfg.name, cfg.labels)
         entries.append(proc.tree(self.jobs))
         entries.append(self.jobs.tree())
         if cfg.export is not None:
             cfg.export.mkdir(parents=True, exist_ok=True)
-            entries.append(storage.tree(cfg.export))
+            entries.append(storage.tree(cfg.export, policy))
         entries.append(metrics.entry(cfg.name, lambda: dict(self.stats), self.jobs.counts))
         self.tree = NodeTree(entries)
         self._conn_slots = trio.CapacityLimiter(cfg.max_connections)

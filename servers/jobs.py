@@ -40,6 +40,8 @@ from ninefs.protocol import messages as m
 from ninefs.protocol.errors import NineError
 from ninefs.protocol.fs import Handle
 
+from .accounts import Policy
+from .cgroups import DEFAULT_PROCS, JobGroups
 from .toolkit import Cmd, Ctl, Ctx, Dir, Entry, Stream, Text
 
 log = logging.getLogger(__name__)
@@ -91,18 +93,28 @@ def _parse_limit(kind: str, value: str) -> float:
     return n
 
 
-def _preexec(limits: dict[str, float]) -> Callable[[], None]:
-    """In the child, between fork and exec (after it has become the job's account): no new
+def _preexec(
+    limits: dict[str, float], pw: pwd.struct_passwd | None, cgroup: Path | None
+) -> Callable[[], None]:
+    """In the child, between fork and exec: into the job's cgroup (while still root), then
+    the job's account (groups, gid, uid: as subprocess's user= would), then no new
     privileges from here on (setuid bits and file capabilities are ignored by exec), then
-    the job's rlimits."""
+    the job's rlimits. Without a cgroup, `limit procs` is RLIMIT_NPROC."""
     table = [
         (resource.RLIMIT_CPU, "cpu", 1),  # hard one second later: SIGXCPU first, then KILL
         (resource.RLIMIT_AS, "mem", 0),
-        (resource.RLIMIT_NPROC, "procs", 0),
+        *([] if cgroup else [(resource.RLIMIT_NPROC, "procs", 0)]),
     ]
     todo = [(res, int(limits[k]), extra) for res, k, extra in table if k in limits]
+    groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw is not None else []
 
     def apply() -> None:
+        if cgroup is not None:
+            JobGroups.join(cgroup)
+        if pw is not None:
+            os.setgroups(groups)
+            os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+            os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
         if _LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
         for res, n, extra in todo:
@@ -277,6 +289,7 @@ class Job:
         self.io_lock = trio.Lock()  # orders metadata writes and the final rmtree
         self.entry: Dir | None = None
         self.account: pwd.struct_passwd | None = None  # None: the daemon's own account
+        self.cgroup: Path | None = None  # its pids cgroup while it runs, where there are any
 
     # -- what it looks like ---------------------------------------------------------------
 
@@ -384,11 +397,12 @@ class JobTable:
         node: str,
         keep: float = 3600.0,
         workdir: Path | None = None,
-        allow_root: bool = False,
+        policy: Policy | None = None,
         max_per_user: int = 64,
     ) -> None:
         self.state, self.node, self.keep = state, node, keep
-        self.allow_root = allow_root  # a root daemon may run jobs as root
+        self.policy = policy or Policy(node)  # which account a user's job runs as
+        self.cgroups = JobGroups.open(node, state)
         self.max_per_user = max_per_user  # jobs not yet ended, per user
         self._making: dict[str, int] = {}
         self.workdir = workdir or state  # where a job runs unless it says `dir`
@@ -425,6 +439,8 @@ class JobTable:
                 job.ended.set()
                 _write_atomic(d / "meta.json", json.dumps(job.meta()))
             self.jobs[job.id] = job
+        # what the last daemon's jobs left in their cgroups (none of them runs now)
+        self.cgroups.sweep(keep=set())
         return top + 1
 
     @staticmethod
@@ -444,12 +460,15 @@ class JobTable:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the children and the reaper until cancelled. On cancellation every running
         job's supervisor stops its child (SIGTERM, a grace, SIGKILL) and records the end."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await self._sweep()  # what expired while the daemon was down goes before anyone looks
-            nursery.start_soon(self._reaper)
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._sweep()  # what expired while the daemon was down goes first
+                nursery.start_soon(self._reaper)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self.cgroups.close()
 
     async def _reaper(self) -> None:
         """Remove jobs ``keep`` seconds after they ended (or were made and never started)."""
@@ -510,23 +529,10 @@ class JobTable:
                 del self._making[ctx.user]
 
     def account(self, user: str) -> pwd.struct_passwd | None:
-        """The local account a job of ``user`` runs as; None: the daemon's own. A daemon
-        running as root runs it as the account of the same name, never as root unless the
-        node allows it (``serve --allow-root-jobs``); EPERM otherwise."""
-        if os.geteuid() != 0:
-            return None  # the daemon cannot change accounts: its jobs run as itself
-        try:
-            pw = pwd.getpwnam(user)
-        except KeyError:
-            pw = None
-        if pw is not None and pw.pw_uid != 0:
-            return pw
-        if self.allow_root:
-            return None
-        why = "is root" if pw is not None else "has no local account"
-        raise NineError(
-            "EPERM", f"{user!r} {why} on node {self.node}, and jobs may not run as root here"
-        )
+        """The local account a job of ``user`` runs as; None: the daemon's own (the rule is
+        servers/accounts.py's); EPERM when the user may not run jobs here."""
+        acct = self.policy.account(user, "run jobs")
+        return acct.pw if acct is not None else None
 
     async def _create(self, ctx: Ctx) -> Job:
         async with self._id_lock:
@@ -581,14 +587,17 @@ class JobTable:
     async def _supervise(self, job: Job, *, task_status: trio.TaskStatus[None]) -> None:
         pw = job.account
         env = _clean_env(pw) | job.env
-        who = {}  # set by subprocess in the child before preexec_fn: groups, gid, then uid
-        if pw is not None:
-            groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
-            who = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups)
-        proc = await trio.lowlevel.open_process(
-            job.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=job.cwd, env=env, start_new_session=True, preexec_fn=_preexec(job.limits), **who,
-        )  # fmt: skip
+        procs = int(job.limits.get("procs", DEFAULT_PROCS))
+        job.cgroup = await trio.to_thread.run_sync(self.cgroups.make, job.id, procs)
+        try:
+            proc = await trio.lowlevel.open_process(
+                job.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=job.cwd, env=env, start_new_session=True,
+                preexec_fn=_preexec(job.limits, pw, job.cgroup),
+            )  # fmt: skip
+        except BaseException:
+            self.cgroups.remove(job.cgroup)
+            raise
         job.proc, job.pid, job.start = proc, proc.pid, time.time()
         with contextlib.suppress(psutil.Error):
             job.ctime = psutil.Process(proc.pid).create_time()
@@ -649,6 +658,7 @@ class JobTable:
                 await proc.wait()
 
     async def _finish(self, job: Job, proc: trio.Process) -> None:
+        await self._drop_cgroup(job)
         for s in (job.stdout, job.stderr):
             if not s.done:
                 s.finish()
@@ -666,16 +676,30 @@ class JobTable:
         self._ended(job)
         await job.save()
 
+    async def _drop_cgroup(self, job: Job) -> None:
+        # Killed members leave the cgroup once they are reaped, which takes a moment for
+        # those not our children; a cgroup still busy after that is swept at next start.
+        for delay in (0, 0.01, 0.05, 0.1, 0.25, 0.5):
+            await trio.sleep(delay)
+            if self.cgroups.remove(job.cgroup):
+                job.cgroup = None
+                return
+            self.cgroups.kill(job.cgroup)
+        log.warning("job %d: cgroup %s is still busy", job.id, job.cgroup)
+
     def _ended(self, job: Job) -> None:
         job.stdout.done = job.stderr.done = True
         job.ended.set()
         self._poke()
 
     def _signal_group(self, job: Job, sig: int) -> None:
-        # the group is the job: a shell's children get the signal as well
+        # the group is the job: a shell's children get the signal as well; a KILL reaches
+        # all of its cgroup too (what left the group with setsid)
         if job.pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(job.pid, sig)
+        if sig == signal.SIGKILL:
+            self.cgroups.kill(job.cgroup)
 
     async def _remove(self, job: Job, why: str) -> None:
         if job.removed:

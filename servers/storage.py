@@ -18,13 +18,17 @@ otherwise). So:
   checked again with fstat.
 - setuid and setgid bits are never set, by create or by wstat (QEMU GHSA-ppj8-867g-rgjr).
 
-Everything runs as the daemon's user; the session has already refused changes to keys that
-may only read. Data calls (read, write, fsync, truncate, listing a directory) run in
+Every call that the kernel checks against a file's owner and mode (a walk's lookup, open,
+create, chmod, truncate, utime, unlink, rename, a listing's stats) runs with the filesystem
+credentials of the account the node acts as for the user (servers/accounts.py), so a user
+reaches exactly what that account could; calls on an open descriptor need no check. The
+session has already refused changes to keys that may only read. Data calls (read, write, fsync, truncate, listing a directory) run in
 threads so one slow disk holds up no other client; small metadata calls stay on the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import grp
 import logging
@@ -44,6 +48,7 @@ from ninefs.protocol import messages as m
 from ninefs.protocol.errors import NineError
 from ninefs.protocol.fs import File, Handle, Principal
 
+from .accounts import Account, Policy
 from .toolkit import Mount
 
 log = logging.getLogger(__name__)
@@ -56,20 +61,36 @@ _MAX_OFFSET = 2**63 - 1
 _INLINE_READ = 64 << 10  # reads up to this many bytes run on the loop, larger in a thread
 
 
-def tree(export: Path) -> Mount:
-    """The /storage entry of a node's root: the directory ``export``, read and write."""
+def tree(export: Path, policy: Policy) -> Mount:
+    """The /storage entry of a node's root: the directory ``export``, read and write with
+    the rights of the account ``policy`` gives the user."""
     export = Path(export)
 
     def attach(ctx: Principal) -> StorageFile:
+        acct = policy.account(ctx.user, "use /storage")
         # The export path is the operator's: following links in it is fine. Below it, never.
         fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        return StorageFile._adopt(fd, None, "storage")
+        return StorageFile._adopt(fd, None, "storage", acct)
 
     return Mount("storage", attach)
 
 
-async def _thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+def _as(acct: Account | None) -> contextlib.AbstractContextManager[None]:
+    # Only around system calls: never across an await (the credentials are the thread's).
+    return acct.acting() if acct is not None else contextlib.nullcontext()
+
+
+def _run_as(acct: Account | None, call: Callable[[], Any]) -> Any:
+    with _as(acct):
+        return call()
+
+
+async def _thread(fn: Callable[..., Any], *args: Any, _acct: Account | None = None,
+                  **kwargs: Any) -> Any:  # fmt: skip
+    call = functools.partial(fn, *args, **kwargs)
+    if _acct is not None:
+        call = functools.partial(_run_as, _acct, call)
+    return await trio.to_thread.run_sync(call)
 
 
 def _proc(fd: int) -> str:
@@ -144,8 +165,12 @@ def _fits_wire(name: str) -> bool:
 class StorageFile(File):
     """One inode under the export, as walked: its O_PATH descriptor, its parent, its name."""
 
-    def __init__(self, fd: int, st: os.stat_result, parent: StorageFile | None, name: str) -> None:
+    def __init__(
+        self, fd: int, st: os.stat_result, parent: StorageFile | None, name: str,
+        acct: Account | None,
+    ) -> None:  # fmt: skip
         self._fd = fd
+        self._acct = acct  # whose rights every checked call runs with
         self._st = st  # as walked; the type of an inode never changes
         self._loc = (parent, name)  # one attribute, so a rename updates it in one step
         self._qid = qid_of(st)
@@ -153,18 +178,23 @@ class StorageFile(File):
         weakref.finalize(self, os.close, fd)
 
     @classmethod
-    def _adopt(cls, fd: int, parent: StorageFile | None, name: str) -> StorageFile:
+    def _adopt(
+        cls, fd: int, parent: StorageFile | None, name: str, acct: Account | None
+    ) -> StorageFile:
         try:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, st, parent, name)
+        return cls(fd, st, parent, name, acct)
 
     @classmethod
     def _at(cls, parent: StorageFile, name: str) -> StorageFile:
-        """The inode ``name`` in ``parent`` names now; a link is the link itself."""
-        return cls._adopt(os.open(name, _PATH, dir_fd=parent._fd), parent, name)
+        """The inode ``name`` in ``parent`` names now; a link is the link itself. The
+        lookup needs search permission on ``parent``, checked for the user's account."""
+        with _as(parent._acct):
+            fd = os.open(name, _PATH, dir_fd=parent._fd)
+        return cls._adopt(fd, parent, name, parent._acct)
 
     @property
     def qid(self) -> m.Qid:
@@ -188,7 +218,8 @@ class StorageFile(File):
         parent, name = self._loc
         if parent is None:
             raise NineError("EBUSY", "the export root cannot be removed or renamed")
-        now = os.stat(name, dir_fd=parent._fd, follow_symlinks=False)
+        with _as(self._acct):
+            now = os.stat(name, dir_fd=parent._fd, follow_symlinks=False)
         if not _same(now, self._st):
             raise NineError("ESTALE", f"{name} was replaced since it was walked")
         return parent, name
@@ -235,7 +266,8 @@ class StorageFile(File):
         if kind not in (st_.S_IFREG, st_.S_IFDIR):
             log.info("refused to open %s: mode %o", self._loc[1], self._st.st_mode)
             raise NineError("EPERM", "only regular files and directories can be opened")
-        fd = os.open(_proc(self._fd), flags | _OPEN)
+        with _as(self._acct):  # the open is checked against the inode's owner and mode
+            fd = os.open(_proc(self._fd), flags | _OPEN)
         try:
             st = os.fstat(fd)
             if not _same(st, self._st) or st_.S_IFMT(st.st_mode) != kind:
@@ -251,7 +283,8 @@ class StorageFile(File):
         if self.is_dir:
             if acc not in (m.OREAD, m.OEXEC) or mode & m.OTRUNC:
                 raise NineError("EISDIR", "a directory opens only for reading")
-            return await DirHandle.load(self._reopen(os.O_RDONLY | os.O_DIRECTORY))
+            fd = self._reopen(os.O_RDONLY | os.O_DIRECTORY)
+            return await DirHandle.load(fd, self._acct)
         fd = self._reopen(_ACCESS[acc] | (os.O_APPEND if mode & m.OAPPEND else 0))
         h = StorageHandle(fd)
         if mode & m.OTRUNC:
@@ -273,27 +306,31 @@ class StorageFile(File):
         if perm & m.DMDIR:
             if acc not in (m.OREAD, m.OEXEC) or mode & m.OTRUNC:
                 raise NineError("EISDIR", "a directory opens only for reading")
-            os.mkdir(name, 0o700, dir_fd=self._fd)
+            with _as(self._acct):
+                os.mkdir(name, 0o700, dir_fd=self._fd)
             child = StorageFile._at(self, name)
             if not child.is_dir:
                 raise NineError("ESTALE", f"{name} was replaced while it was made")
             # the perm asked for, exactly: the daemon's umask is not the user's
-            os.chmod(_proc(child._fd), bits)
+            with _as(self._acct):
+                os.chmod(_proc(child._fd), bits)
             return child, await child.open(m.OREAD)
         flags = _ACCESS[acc] | (os.O_APPEND if mode & m.OAPPEND else 0)
         try:
             # O_CREAT|O_EXCL never follows a link and only ever makes a new regular file
-            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _OPEN,
-                         0o600, dir_fd=self._fd)  # fmt: skip
+            with _as(self._acct):
+                fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _OPEN,
+                             0o600, dir_fd=self._fd)  # fmt: skip
         except FileExistsError:
             if mode & m.OEXCL:
                 raise
             child = StorageFile._at(self, name)  # it exists: open it as a walk would
             return child, await child.open(mode)
         try:
-            os.fchmod(fd, bits)
+            os.fchmod(fd, bits)  # the new file is the user's own: the daemon may set its bits
             os.set_blocking(fd, True)
-            child = StorageFile._adopt(os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC), self, name)
+            path_fd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
+            child = StorageFile._adopt(path_fd, self, name, self._acct)
         except BaseException:
             os.close(fd)
             raise
@@ -302,7 +339,8 @@ class StorageFile(File):
     async def symlink(self, name: str, target: str) -> File:
         self._need_dir()
         _check_name(name)
-        os.symlink(target, name, dir_fd=self._fd)  # the text is stored, never followed here
+        with _as(self._acct):
+            os.symlink(target, name, dir_fd=self._fd)  # the text is stored, never followed here
         return StorageFile._at(self, name)
 
     # -- changing ----------------------------------------------------------------------
@@ -310,7 +348,8 @@ class StorageFile(File):
     async def remove(self) -> None:
         try:
             parent, name = self._still_there()
-            await _thread(os.rmdir if self.is_dir else os.unlink, name, dir_fd=parent._fd)
+            await _thread(os.rmdir if self.is_dir else os.unlink, name, dir_fd=parent._fd,
+                          _acct=self._acct)  # fmt: skip
         except OSError as e:
             # NineError: a clunk with ORCLOSE expects one when the remove fails
             raise NineError(e.errno or 0, e.strerror or "") from None
@@ -321,7 +360,8 @@ class StorageFile(File):
         newdir._need_dir()
         _check_name(newname)
         parent, name = self._still_there()
-        await _thread(os.rename, name, newname, src_dir_fd=parent._fd, dst_dir_fd=newdir._fd)
+        await _thread(os.rename, name, newname, src_dir_fd=parent._fd, dst_dir_fd=newdir._fd,
+                      _acct=self._acct)  # fmt: skip
         # The fid names the file, which now lives here: later removes and renames use this.
         self._loc = (newdir, newname)
 
@@ -333,13 +373,15 @@ class StorageFile(File):
             if not st_.S_ISREG(self._st.st_mode):
                 raise NineError("EINVAL", "only a regular file can be truncated")
         if "mode" in changes:
-            os.chmod(path, changes["mode"] & _PERM)  # EOPNOTSUPP for links, from the kernel
+            with _as(self._acct):  # only the owner may
+                os.chmod(path, changes["mode"] & _PERM)  # EOPNOTSUPP for links, from the kernel
         if "size" in changes:
-            await _thread(os.truncate, path, changes["size"])
+            await _thread(os.truncate, path, changes["size"], _acct=self._acct)
         if "atime" in changes or "mtime" in changes:  # last: a truncate sets mtime
             now = os.fstat(self._fd)
             times = (changes.get("atime", now.st_atime_ns), changes.get("mtime", now.st_mtime_ns))
-            os.utime(path, ns=times)
+            with _as(self._acct):
+                os.utime(path, ns=times)
 
 
 class StorageHandle(Handle):
@@ -387,9 +429,9 @@ class DirHandle(StorageHandle):
         self.entries = entries
 
     @classmethod
-    async def load(cls, fd: int) -> DirHandle:
+    async def load(cls, fd: int, acct: Account | None) -> DirHandle:
         try:
-            entries = await _thread(_listing, fd)
+            entries = await _thread(_listing, fd, _acct=acct)  # stats need search permission
         except BaseException:
             os.close(fd)
             raise

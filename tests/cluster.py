@@ -18,6 +18,7 @@ from pathlib import Path
 import nacl.signing
 
 from ninefs.protocol.keys import AuthorizedUsers, Grant, load_or_create
+from ninefs.servers import cgroups
 from ninefs.servers.daemon import read_ready_line
 
 READY_TIMEOUT = 20.0
@@ -71,6 +72,7 @@ class NodeProc:
                 self.kill()
         if self.proc.stdout:
             self.proc.stdout.close()
+        cgroups.discard(self.name, self.state / "jobs")  # what a SIGKILLed daemon's jobs left
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -80,6 +82,7 @@ class NodeProc:
             except ProcessLookupError:
                 pass
             self.proc.wait(10)
+        cgroups.discard(self.name, self.state / "jobs")
 
 
 @dataclass
@@ -104,11 +107,11 @@ def make_node(
     who: Identity | None,
     *,
     args: list[str] = (),
-    root_jobs: bool = True,
+    allow_root: bool = True,
     **grant: object,
 ) -> NodeProc:
-    """A node (not yet started) whose authorized-users file admits ``who``. ``root_jobs``:
-    the tests run as root, as user root, so by default the node lets jobs run as root."""
+    """A node (not yet started) whose authorized-users file admits ``who``. ``allow_root``:
+    the tests run as root, as user root, so by default the node lets users act as root."""
     state, export = base / name / "state", base / name / "export"
     state.mkdir(parents=True, exist_ok=True)
     export.mkdir(parents=True, exist_ok=True)
@@ -117,7 +120,7 @@ def make_node(
     env = dict(os.environ)
     env.pop("NINEFS_HOME", None)
     env["PYTHONUNBUFFERED"] = "1"
-    args = [*(["--allow-root-jobs"] if root_jobs else []), *args]
+    args = [*(["--allow-root"] if allow_root else []), *args]
     return NodeProc(name, state, export, args, env)
 
 

@@ -233,7 +233,7 @@ async def run(c, text: str) -> tuple[str, str, str]:
 
 async def test_job_runs_as_the_mapped_account(tmp_path, started, account):
     who = make_identity(tmp_path / "acct", account.pw_name)
-    node = started(who, root_jobs=False)
+    node = started(who, allow_root=False)
     with trio.fail_after(T):
         async with connect(node.addr, who.key, who.user, known(who)) as c:
             wait, out, _ = await run(c, "exec /usr/bin/id -u")
@@ -254,7 +254,7 @@ async def test_job_runs_as_the_mapped_account(tmp_path, started, account):
 
 async def test_a_fork_bomb_is_contained(tmp_path, started, account, identity):
     who = make_identity(tmp_path / "acct", account.pw_name)
-    node = started(who, root_jobs=False)
+    node = started(who, allow_root=False)
     await cli("authorize", encode_public(identity.public), identity.user, "--state",
               str(node.state))  # fmt: skip
     with trio.fail_after(T * 2):
@@ -278,8 +278,8 @@ async def test_a_fork_bomb_is_contained(tmp_path, started, account, identity):
             await trio.sleep(0.05)
 
 
-async def test_no_root_jobs_unless_allowed(tmp_path, started, identity):
-    node = started(identity, root_jobs=False)  # identity is root, mapped to uid 0
+async def test_no_root_jobs_or_storage_unless_allowed(tmp_path, started, identity):
+    node = started(identity, allow_root=False)  # identity is root, mapped to uid 0
     ghost = make_identity(tmp_path / "ghost", "no-such-account-here")
     await cli("authorize", encode_public(ghost.public), ghost.user, "--state", str(node.state))
     with trio.fail_after(T):
@@ -288,6 +288,76 @@ async def test_no_root_jobs_unless_allowed(tmp_path, started, identity):
                 jid = (await c.read_file("/jobs/clone")).decode().strip()
                 with pytest.raises(NineError) as e:
                     await c.write_file(f"/jobs/{jid}/ctl", b"exec /usr/bin/id -u")
-                assert e.value.ename == "EPERM" and "may not run as root" in e.value.message
-                assert "may not run as root" in (await c.read_file(f"/jobs/{jid}/status")).decode()
+                assert e.value.ename == "EPERM" and "as root here" in e.value.message
+                assert "as root here" in (await c.read_file(f"/jobs/{jid}/status")).decode()
+                with pytest.raises(NineError) as e:
+                    await c.read_file("/storage/anything")
+                assert e.value.ename == "EPERM" and "may not use /storage as root" in str(e.value)
                 await still_serving(c)
+
+
+# -- /storage with the rights of the user's account --------------------------------------
+
+
+async def test_storage_acts_as_the_mapped_account(tmp_path, started, account):
+    who = make_identity(tmp_path / "acct", account.pw_name)
+    node = started(who, allow_root=False)
+    ex = node.export  # root's, 0755, as an operator would leave it
+    (ex / "public").write_text("for everyone\n")
+    (ex / "public").chmod(0o644)
+    (ex / "secret").write_text("root only\n")
+    (ex / "secret").chmod(0o600)
+    (ex / "locked").mkdir(mode=0o700)
+    (ex / "locked" / "inside").write_text("x")
+    home = ex / "home"
+    home.mkdir()
+    os.chown(home, account.pw_uid, account.pw_gid)
+    with trio.fail_after(T):
+        async with connect(node.addr, who.key, who.user, known(who)) as c:
+            assert await c.read_file("/storage/public") == b"for everyone\n"
+
+            async def denied(call, *args, ename="EACCES", **kw):
+                with pytest.raises(NineError) as e:
+                    await call(*args, **kw)
+                assert e.value.ename == ename, e.value
+
+            await denied(c.read_file, "/storage/secret")
+            await denied(c.write_file, "/storage/public", b"changed")
+            await denied(c.read_file, "/storage/locked/inside")  # no search permission
+            await denied(c.list_dir, "/storage/locked")
+            fid = await c.walk_path("/storage")
+            await denied(c.create, fid, "new", 0o644, m.OWRITE)  # the export is root's
+            await c.clunk(fid)
+            fid = await c.walk_path("/storage/public")
+            await denied(c.wstat, fid, mode=0o666, ename="EPERM")  # only the owner may chmod
+            await denied(c.wstat, fid, size=0)
+            await denied(c.remove, fid)  # removing needs write permission on the directory
+            fid = await c.walk_path("/storage/home")
+            await denied(c.rename, await c.walk_path("/storage/secret"), fid, "mine")
+
+            # in the account's own directory it may do anything, and what it makes is its own
+            for name, perm in (("notes", 0o644), ("sub", m.DMDIR | 0o750)):
+                fid = await c.walk_path("/storage/home")
+                await c.create(fid, name, perm, m.OREAD)
+                await c.clunk(fid)
+            await c.write_file("/storage/home/notes", b"mine, again\n")
+            fid = await c.walk_path("/storage/home/notes")
+            await c.wstat(fid, mode=0o640)
+            await c.clunk(fid)
+            for path, mode in ((home / "notes", 0o640), (home / "sub", 0o750)):
+                st = os.stat(path)
+                assert (st.st_uid, st.st_gid) == (account.pw_uid, account.pw_gid), path
+                assert st.st_mode & 0o7777 == mode, path
+            assert (home / "notes").read_text() == "mine, again\n"
+            assert {s.name for s in await c.list_dir("/storage/home")} == {"notes", "sub"}
+            await c.remove(await c.walk_path("/storage/home/notes"))
+            assert not (home / "notes").exists()
+
+        # nothing outside what it may touch changed, and the daemon is still itself:
+        # it writes its own root-only state for a job, which runs as the account
+        assert (ex / "public").read_text() == "for everyone\n"
+        assert (ex / "secret").read_text() == "root only\n"
+        assert sorted(p.name for p in ex.iterdir()) == ["home", "locked", "public", "secret"]
+        async with connect(node.addr, who.key, who.user, known(who)) as c:
+            wait, out, _ = await run(c, "exec /usr/bin/id -u")
+            assert (wait, out) == ("exit 0", f"{account.pw_uid}\n")

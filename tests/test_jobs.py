@@ -172,6 +172,61 @@ async def test_limits_are_enforced(client: Client) -> None:
         assert st["limits"] == "cpu=1" and float(st["end"]) - float(st["start"]) >= 0.9
 
 
+def _cgroups_here() -> bool:
+    from ninefs.servers.cgroups import _own_pids_dir
+
+    return _own_pids_dir() is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _sleepers(tag: str) -> list[psutil.Process]:
+    # live processes running `sleep <tag>` (zombies have already ended)
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["cmdline"] == ["sleep", tag] and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(p)
+    return out
+
+
+@pytest.mark.skipif(not _cgroups_here(), reason="no pids cgroup on this machine")
+async def test_limit_procs_holds_for_root_and_counts_one_job(client: Client) -> None:
+    """`limit procs` is the job's pids cgroup: it binds a job running as root (the tests'
+    user), and counts only this job's processes, not the account's."""
+    tag = f"{os.getpid()}.5"
+    with trio.fail_after(T):
+        # the account (root) has far more than 6 processes already: only the job's count
+        bomb = await start(
+            client, f"limit procs 6\nrun for i in $(seq 20); do sleep {tag} & done; wait"
+        )
+        assert await read(client, bomb, "wait") != "exit 0\n"
+        assert "fork" in (await read(client, bomb, "stderr")).lower()
+        # the same loop without the limit runs: the default bound is far higher
+        ok = await start(client, "run for i in $(seq 20); do true & done; wait; echo done")
+        assert (await read(client, ok, "wait"), await read(client, ok, "stdout")) == (
+            "exit 0\n",
+            "done\n",
+        )
+        while _sleepers(tag):  # what the bomb forked went with it
+            await trio.sleep(0.02)
+
+
+@pytest.mark.skipif(not _cgroups_here(), reason="no pids cgroup on this machine")
+async def test_what_leaves_the_process_group_still_ends_with_the_job(client: Client) -> None:
+    with trio.fail_after(T):
+        # $! is the background child, which setsid and then sleep replace in place
+        jid = await start(client, "run setsid sleep 60 </dev/null >/dev/null 2>&1 & echo $!")
+        assert await read(client, jid, "wait") == "exit 0\n"
+        pid = int(await read(client, jid, "stdout"))
+        while _alive(pid):  # killed with the job's cgroup, though it left the group
+            await trio.sleep(0.02)
+
+
 async def test_big_output_streams_and_late_reader_reads_all(client: Client) -> None:
     """1 MiB and more (well past a pipe buffer) on both streams; a reader that arrives after
     the end reads everything from the start."""
