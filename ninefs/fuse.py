@@ -32,6 +32,7 @@ from ninefs.protocol.client import META_TIMEOUT, Client
 from ninefs.protocol.errors import NineError
 
 from .namespace import LocalSrc, Namespace, NodeSrc, Path_
+from .writeback import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Vnode:
     gen: int = -1  # the connection generation the fid belongs to
     stat: m.Stat | None = None
     version: int | None = None  # qid.version when last opened (for keep_cache)
+    behind: set[WriteBehind] = field(default_factory=set)  # of its handles open for writing
 
     @property
     def storage(self) -> bool:
@@ -73,6 +75,7 @@ class OpenFile:
     data: bytes = b""  # a local file's snapshot
     writer: object = None  # a local file's write callback
     eof_at: int | None = None  # where a synthetic snapshot was seen to end
+    behind: WriteBehind | None = None  # a storage file open for writing: its queued writes
     # a directory's listing: name, place (None: resolve it when listed), kind, node's stat
     entries: list[tuple[str, NodeSrc | LocalSrc | None, str, m.Stat | None]] = field(
         default_factory=list
@@ -364,6 +367,9 @@ class NinefsOps(pyfuse3.Operations):
         elif name == "..":
             v = self.by_path.get(parent.path[:-1]) or parent
         else:
+            known = self.by_path.get((*parent.path, name))
+            if known is not None:
+                await self._settle(known)  # as getattr: the size must not step back
             v = await self._resolve((*parent.path, name))
         v.nlookup += 1
         return self._attrs(v)
@@ -383,6 +389,7 @@ class NinefsOps(pyfuse3.Operations):
     @_fuse_errors
     async def getattr(self, inode, ctx=None):
         v = self._vnode(inode)
+        await self._settle(v)  # the size the kernel is told must not step back
         if isinstance(v.src, NodeSrc):
             try:
                 client, fid = await self._fid(v)
@@ -415,6 +422,7 @@ class NinefsOps(pyfuse3.Operations):
             changes["mtime"] = attr.st_mtime_ns
         if fields.update_uid or fields.update_gid:
             raise NineError("EPERM", "ownership cannot change")
+        await self._settle(v)  # a truncate lands after the writes before it
         if not v.storage and set(changes) <= {"size", "atime", "mtime"}:
             return self._attrs(v)  # truncating a ctl file: the shell's O_TRUNC is harmless
         client, fid = await self._fid(v)
@@ -541,6 +549,8 @@ class NinefsOps(pyfuse3.Operations):
         fid, r = await client.walk_open(conn.root, v.src.path, _mode_9p(flags))
         of.node, of.gen, of.fid, of.flags = v.src.node, gen, fid, r.flags
         synthetic = bool(r.flags & m.OF_SYNTHETIC) or not v.storage
+        if not synthetic:
+            self._write_behind(of, client, flags)
         keep = not synthetic and v.version == r.qid.version
         v.version = r.qid.version
         if not synthetic and v.stat is not None and v.stat.qid.version != r.qid.version:
@@ -556,6 +566,20 @@ class NinefsOps(pyfuse3.Operations):
             keep_cache=keep,
             nonseekable=bool(r.flags & m.OF_STREAM),
         )
+
+    def _write_behind(self, of: OpenFile, client: Client, flags: int) -> None:
+        # Storage files only (a ctl write's error is its answer), and not O_APPEND: the
+        # node appends wherever the write lands, so order is all there is.
+        if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR) and not flags & os.O_APPEND:
+            fid = of.fid
+            of.behind = WriteBehind(lambda off, data: client.write(fid, off, data), self.nursery)
+            of.vnode.behind.add(of.behind)
+
+    @staticmethod
+    async def _settle(v: Vnode) -> None:
+        """Let ``v``'s queued writes land before its size or contents are looked at."""
+        for wb in list(v.behind):
+            await wb.settle()
 
     async def _open_local(self, of: OpenFile, path: Path_, flags: int) -> None:
         writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
@@ -630,6 +654,8 @@ class NinefsOps(pyfuse3.Operations):
         of, client = self._open_file(fh)
         if client is None:
             return of.data[off : off + size]
+        if of.behind is not None:
+            await of.behind.settle()  # read back what this handle wrote
         if not of.flags & m.OF_STREAM:
             if of.eof_at is not None and off >= of.eof_at:
                 return b""  # a snapshot that already came up short: the end, no round trip
@@ -669,19 +695,34 @@ class NinefsOps(pyfuse3.Operations):
                 raise NineError("EINVAL", "ctl text must be UTF-8") from None
             await of.writer(text)
             return len(buf)
+        if of.behind is not None:
+            return await of.behind.write(off, bytes(buf))
         return await client.write(of.fid, off, buf)
 
+    @_fuse_errors
     async def flush(self, fh):
-        return None
+        # every close(2): the queued writes have landed, or the close reports why not
+        of = self.files.get(fh)
+        if of is not None and of.behind is not None:
+            await of.behind.drain()
 
     @_fuse_errors
     async def fsync(self, fh, datasync):
+        of = self.files.get(fh)
+        if of is not None and of.behind is not None:
+            await of.behind.drain()
         of, client = self._open_file(fh)
         if client is not None:
             await client.fsync(of.fid)
 
     async def release(self, fh):
         of = self.files.pop(fh, None)
+        if of is not None and of.behind is not None:
+            await of.behind.settle()  # every close flushed; this is for the clunk's sake
+            of.vnode.behind.discard(of.behind)
+            if of.behind.error is not None:
+                log.warning("/%s: a queued write failed: %s", "/".join(of.vnode.path),
+                            of.behind.error)  # fmt: skip
         if of is None or of.fid is None:
             return
         conn = self.ns.nodes.get(of.node)
@@ -718,6 +759,8 @@ class NinefsOps(pyfuse3.Operations):
         v.nlookup += 1
         of = OpenFile(v, ctx.pid, parent.src.node, gen, fid, r.flags)
         synthetic = not v.storage
+        if not synthetic:
+            self._write_behind(of, client, flags)
         info = pyfuse3.FileInfo(fh=self._new_fh(of), direct_io=synthetic, keep_cache=False)
         return info, self._attrs(v)
 

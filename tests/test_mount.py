@@ -581,3 +581,83 @@ def test_bad_namespace_line_is_one_clear_error(tmp_path: Path, identity) -> None
     assert "Traceback" not in r.stderr
     assert f"{ns}:2" in r.stderr and "unknown command 'frobnicate'" in r.stderr
     force_unmount(mp)
+
+
+# -- writes travel behind the writer, and never fail silently --------------------------------
+
+
+WRITER = r"""
+import errno, os, sys
+path, total = sys.argv[1], int(sys.argv[2])
+failed = []
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+written = 0
+try:
+    while written < total:
+        written += os.write(fd, b"x" * (1 << 20))
+except OSError as e:
+    failed.append(("write", errno.errorcode[e.errno]))
+for what, call in (("fsync", os.fsync), ("close", os.close)):
+    try:
+        call(fd)
+    except OSError as e:
+        failed.append((what, errno.errorcode[e.errno]))
+print(written, failed)
+"""
+
+
+def test_a_write_the_node_refuses_reaches_the_writer(tmp_path: Path, identity: Identity) -> None:
+    """The node's disk fills while writes are queued behind the writer: the writer learns
+    it (from a later write, fsync or close), never a clean close over lost data."""
+    node = make_node(tmp_path, "n1", identity)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(node.export)],
+                   check=True, timeout=30)  # fmt: skip
+    mp = None
+    try:
+        node.start()
+        mp = MountProc(tmp_path / "mnt", write_namespace(tmp_path / "ns", [node]), identity.home)
+        mp.start()
+        out = subprocess.run([sys.executable, "-c", WRITER, str(mp.mountpoint / "n/n1/storage/f"),
+                              str(16 << 20)], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        written, failed = out.stdout.split(" ", 1)
+        assert "ENOSPC" in failed, out.stdout  # by write, fsync or close: but told
+        # and nothing claims more than the disk holds
+        assert int(written) <= 16 << 20
+        assert (node.export / "f").stat().st_size <= 4 << 20
+        # the mount and the node go on: a small file still fits, after removing the big one
+        sh("rm n/n1/storage/f; echo fine > n/n1/storage/g; cat n/n1/storage/g", mp.mountpoint)
+    finally:
+        if mp is not None:
+            mp.stop()
+        node.stop()
+        subprocess.run(["umount", "-l", str(node.export)], timeout=30)
+
+
+def test_queued_writes_are_seen_by_their_writer(mount: Path, cluster: list[NodeProc]) -> None:
+    """What a handle wrote, it reads back and stats at once, before any close; a rewrite of
+    the same range lands last; another process sees it all after the close."""
+    prog = r"""
+import os, sys
+path = sys.argv[1]
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+for i in range(8):
+    os.write(fd, bytes([65 + i]) * (1 << 20))
+assert os.fstat(fd).st_size == 8 << 20, os.fstat(fd).st_size
+os.pwrite(fd, b"z" * (1 << 20), 0)       # over the first MiB, queued right behind it
+os.pwrite(fd, b"y" * 10, 5)               # and over that again
+data = os.pread(fd, 8 << 20, 0)
+assert data[:5] == b"zzzzz" and data[5:15] == b"y" * 10 and data[15:1 << 20] == b"z" * ((1 << 20) - 15)
+assert data[1 << 20:] == b"".join(bytes([65 + i]) * (1 << 20) for i in range(1, 8))
+os.ftruncate(fd, 3 << 20)
+os.write(fd, b"tail")                     # at 8 MiB: the truncate came first, then this
+os.close(fd)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", prog, str(mount / "n/n1/storage/q")],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (out.returncode, out.stdout) == (0, "ok\n"), out.stderr
+    disk = (cluster[0].export / "q").read_bytes()
+    assert len(disk) == (8 << 20) + 4 and disk.endswith(b"tail")
+    assert disk[: 3 << 20].count(b"\0") == 0 and disk[3 << 20 : 8 << 20] == bytes(5 << 20)
+    assert sh("stat -c %s n/n1/storage/q", mount) == f"{(8 << 20) + 4}\n"
