@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_HELD_FIDS = 1024  # fids the mount keeps per inode, over all nodes (a node allows 4096)
 STORAGE_TTL = 1.0  # seconds the kernel may cache storage attributes and entries
+HEAD_BYTES = 64 << 10  # what an open for reading asks the node to send along (a small file)
 ENTRY_TTL = 1.0  # synthetic names are stable; their contents are never cached
 SIGNAL_POLL = 0.2
 CONNECT_WAIT = 5.0  # seconds a `mount` written to /ctl waits for the node to connect
@@ -75,6 +76,8 @@ class OpenFile:
     data: bytes = b""  # a local file's snapshot
     writer: object = None  # a local file's write callback
     eof_at: int | None = None  # where a synthetic snapshot was seen to end
+    head: bytes | None = None  # the first bytes, sent with the open; dropped once read
+    head_all: bool = False  # head is the whole file (it came up short)
     behind: WriteBehind | None = None  # a storage file open for writing: its queued writes
     # a directory's listing: name, place (None: resolve it when listed), kind, node's stat
     entries: list[tuple[str, NodeSrc | LocalSrc | None, str, m.Stat | None]] = field(
@@ -252,15 +255,8 @@ class NinefsOps(pyfuse3.Operations):
             conn = self.ns.nodes.get(v.src.node)
             fid, gen = v.fid, v.gen
             if conn is not None and conn.client is not None and conn.gen == gen:
-                self.nursery.start_soon(self._clunk, conn.client, fid)
+                conn.client.clunk_later(fid)
         v.fid, v.gen = None, -1
-
-    async def _clunk(self, client: Client, fid: int) -> None:
-        with trio.move_on_after(5):
-            try:
-                await client.clunk(fid)
-            except NineError:
-                pass
 
     def _client(self, node: str) -> tuple[Client, int]:
         conn = self.ns.nodes.get(node)
@@ -546,8 +542,12 @@ class NinefsOps(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._new_fh(of), direct_io=True, keep_cache=False)
         conn = self.ns.nodes.get(v.src.node)
         client, gen = self._client(v.src.node)
-        fid, r = await client.walk_open(conn.root, v.src.path, _mode_9p(flags))
+        mode = _mode_9p(flags)
+        want = HEAD_BYTES if mode & 3 == m.OREAD else 0
+        fid, r = await client.walk_open(conn.root, v.src.path, mode, want)
         of.node, of.gen, of.fid, of.flags = v.src.node, gen, fid, r.flags
+        if r.flags & m.OF_HEAD:
+            of.head, of.head_all = bytes(r.data), len(r.data) < want
         synthetic = bool(r.flags & m.OF_SYNTHETIC) or not v.storage
         if not synthetic:
             self._write_behind(of, client, flags)
@@ -656,6 +656,15 @@ class NinefsOps(pyfuse3.Operations):
             return of.data[off : off + size]
         if of.behind is not None:
             await of.behind.settle()  # read back what this handle wrote
+        if of.head is not None:
+            head = of.head
+            if off + size <= len(head) or of.head_all:
+                if off + size >= len(head):
+                    of.head = None  # read to its end: most programs are done with it
+                if of.head_all and of.flags & m.OF_SYNTHETIC:
+                    of.eof_at = len(head)
+                return head[off : off + size]
+            of.head = None  # a read beyond it: the file is read in the usual way from here
         if not of.flags & m.OF_STREAM:
             if of.eof_at is not None and off >= of.eof_at:
                 return b""  # a snapshot that already came up short: the end, no round trip
@@ -727,7 +736,7 @@ class NinefsOps(pyfuse3.Operations):
             return
         conn = self.ns.nodes.get(of.node)
         if conn is not None and conn.client is not None and conn.gen == of.gen:
-            self.nursery.start_soon(self._clunk, conn.client, of.fid)
+            conn.client.clunk_later(of.fid)
 
     # -- changes -----------------------------------------------------------------------
 
@@ -750,7 +759,7 @@ class NinefsOps(pyfuse3.Operations):
         try:
             r = await client.create(fid, name, mode & 0o7777, _mode_9p(flags))
         except BaseException:
-            self.nursery.start_soon(self._clunk, client, fid)
+            client.clunk_later(fid)
             raise
         path = (*parent.path, name)
         v = self._vnode_for(path, NodeSrc(parent.src.node, (*parent.src.path, name)), "file")
@@ -772,7 +781,7 @@ class NinefsOps(pyfuse3.Operations):
         try:
             await client.create(fid, name, m.DMDIR | (mode & 0o7777), m.OREAD)
         finally:
-            self.nursery.start_soon(self._clunk, client, fid)
+            client.clunk_later(fid)
         return self._attrs(await self._entry(parent, name))
 
     async def _remove(self, parent_inode: int, name: bytes) -> None:
@@ -864,7 +873,7 @@ class NinefsOps(pyfuse3.Operations):
                 try:
                     fs = await client.statfs(fid)
                 finally:
-                    self.nursery.start_soon(self._clunk, client, fid)
+                    client.clunk_later(fid)
             except NineError:
                 continue
             s.f_bsize, s.f_frsize = fs.bsize, fs.bsize

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MSIZE = 2 << 20
 META_TIMEOUT = 5.0  # seconds for a metadata call
 DATA_TIMEOUT = 30.0  # seconds for a read or write of data
+CLUNK_DELAY = 0.01  # seconds clunks gather for one Tclunkmany
 FLUSH_TIMEOUT = 3.0  # seconds for Rflush; past that the node is hung and the connection goes
 MAX_TAGS = 4096
 
@@ -55,6 +56,9 @@ class Client:
         self._next_fid = 1
         self._free_fids: list[int] = []
         self._bg: trio.Nursery | None = None  # flushes and clunks nobody waits for
+        self._to_clunk: list[int] = []  # fids for the next Tclunkmany
+        self._clunk_full = trio.Event()
+        self._clunking = False
 
     # -- the connection ----------------------------------------------------------------
 
@@ -230,10 +234,11 @@ class Client:
         return newfid, qids, st
 
     async def walk_open(
-        self, fid: int, names: list[str] | tuple[str, ...], mode: int
+        self, fid: int, names: list[str] | tuple[str, ...], mode: int, count: int = 0
     ) -> tuple[int, m.Rwalkopen]:
         """A new fid for ``names`` under ``fid``, opened with ``mode``, in one round trip
-        (Twalkopen) when the path fits one walk."""
+        (Twalkopen) when the path fits one walk; with ``count``, the reply may carry the
+        file's first ``count`` bytes (flag OF_HEAD)."""
         if len(names) > m.MAXWELEM:
             newfid, _ = await self.walk(fid, names)
             try:
@@ -241,10 +246,10 @@ class Client:
             except BaseException:
                 await self._clunk_quietly(newfid)
                 raise
-            return newfid, m.Rwalkopen(r.tag, r.qid, r.iounit, r.flags)
+            return newfid, m.Rwalkopen(r.tag, r.qid, r.iounit, r.flags, b"")
         newfid = self.new_fid()
         try:
-            return newfid, await self.rpc(m.Twalkopen(0, fid, newfid, list(names), mode))
+            return newfid, await self.rpc(m.Twalkopen(0, fid, newfid, list(names), mode, count))
         except BaseException as e:
             await self._abandon(newfid, e)
             raise
@@ -322,6 +327,37 @@ class Client:
         finally:
             self._free_fid(fid)  # a clunked fid is gone even when the clunk failed
 
+    def clunk_later(self, fid: int) -> None:
+        """Clunk ``fid`` soon, without waiting: the fids given within CLUNK_DELAY (or until
+        MAXCLUNK of them) go in one Tclunkmany, so a mount that looks up or opens file after
+        file sends one clunk message per batch, not one per file. The fid is free for reuse
+        once its batch is answered."""
+        self._to_clunk.append(fid)
+        if len(self._to_clunk) >= m.MAXCLUNK:
+            self._clunk_full.set()
+        if not self._clunking and self._bg is not None and not self.closed.is_set():
+            self._clunking = True
+            self._bg.start_soon(self._clunk_batches)
+
+    async def _clunk_batches(self) -> None:
+        try:
+            while self._to_clunk:
+                with trio.move_on_after(CLUNK_DELAY):
+                    await self._clunk_full.wait()
+                self._clunk_full = trio.Event()
+                batch = self._to_clunk[: m.MAXCLUNK]
+                del self._to_clunk[: m.MAXCLUNK]
+                try:
+                    with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_TIMEOUT):
+                        await self.rpc(m.Tclunkmany(0, batch))
+                except NineError:
+                    pass  # as for Tclunk: the fids are gone either way
+                finally:
+                    for fid in batch:
+                        self._free_fid(fid)
+        finally:
+            self._clunking = False
+
     async def remove(self, fid: int) -> None:
         try:
             await self.rpc(m.Tremove(0, fid))
@@ -369,9 +405,15 @@ class Client:
         return (await self.walk_open(await self._root(), split_path(path), mode))[0]
 
     async def read_file(self, path: str, timeout: float | None = DATA_TIMEOUT) -> bytes:
-        fid = await self.open_path(path, m.OREAD)
+        root = await self._root()
+        fid, r = await self.walk_open(root, split_path(path), m.OREAD, self.iounit)
         try:
             chunks, offset = [], 0
+            if r.flags & m.OF_HEAD:
+                if r.flags & m.OF_SYNTHETIC and len(r.data) < self.iounit:
+                    return bytes(r.data)  # a snapshot that came up short: all of it
+                chunks.append(r.data)
+                offset = len(r.data)
             while data := await self.read(fid, offset, self.iounit, timeout):
                 chunks.append(data)
                 offset += len(data)

@@ -43,6 +43,7 @@ class Handle:
 
     flags: int = 0
     iounit: int = 0
+    head: bool = False  # reading at 0 right after open has no effect: Twalkopen may do it
 
     async def read(self, offset: int, count: int) -> bytes:
         raise NineError("EBADF", "not open for reading")

@@ -1,15 +1,17 @@
 """The handshake (sans-I/O): signed ephemeral Diffie-Hellman, in the shape of SIGMA-I.
 
-    1. C -> S  ["ninefs", 1, eC, nC]                       fresh X25519 key, 32 random bytes
-    2. S -> C  [eS, nS, box_s(["node", S, sig_S(H1)])]      H1 = H(msg1 | eS | nS)
+    1. C -> S  ["ninefs", 2, eC, nC, suites]               fresh X25519 key, 32 random bytes,
+                                                           the ciphers it offers, best first
+    2. S -> C  [eS, nS, suite, box_s(["node", S, sig_S(H1)])]  H1 = H(msg1 | eS | nS | suite)
     3. C -> S  box_c([C, user, sig_C(H2)])                  H2 = H(msg1 | msg2 | C | user)
     4. S -> C  box_s2(["ok" | "denied", text])
 
 box_s/box_c are XSalsa20-Poly1305 under keys derived from the shared secret and H1, one per
 direction. Traffic keys come from the shared secret and H3 = H(msg1 | msg2 | msg3), one per
-direction; every frame after the handshake is sealed (see sealing.py). Each identity signs
-a transcript that holds both ephemeral keys, so neither side can be impersonated or the
-exchange replayed. docs/security.md walks through it.
+direction; every frame after the handshake is sealed (see sealing.py) in the suite the node
+chose from the client's offer. Each identity signs a transcript that holds both ephemeral
+keys and the offer and the choice, so neither side can be impersonated, the exchange
+replayed, or the cipher downgraded. docs/security.md walks through it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import nacl.signing
 import nacl.utils
 
 from .errors import ProtocolError
+from .sealing import XCHACHA, local_suites
 
 MAGIC = "ninefs"
-HANDSHAKE_VERSION = 1
+HANDSHAKE_VERSION = 2
+MAX_SUITES = 8  # in an offer
 MAX_HANDSHAKE_MSG = 1024  # bytes; no handshake message is longer
 _NONCE0 = bytes(24)
 _NONCE1 = b"\x01" + bytes(23)
@@ -47,6 +51,7 @@ class Refused(HandshakeError):
 class TrafficKeys:
     send: bytes
     recv: bytes
+    suite: str = XCHACHA  # how frames are sealed with them (sealing.py)
 
 
 def _h(*parts: bytes) -> bytes:
@@ -114,9 +119,13 @@ class ClientHandshake:
     """The client's side. ``hello()``, then ``on_reply(msg2)``; check ``node_key`` against
     the pinned key before sending what it returned; then ``on_verdict(msg4)``."""
 
-    def __init__(self, identity: nacl.signing.SigningKey, user: str) -> None:
+    def __init__(
+        self, identity: nacl.signing.SigningKey, user: str, suites: list[str] | None = None
+    ) -> None:
         self._id = identity
         self._user = user
+        self._suites = list(suites or local_suites())  # offered, best first
+        self._suite = ""
         self._eph = nacl.public.PrivateKey.generate()
         self._msg1 = b""
         self._msg2 = b""
@@ -127,16 +136,20 @@ class ClientHandshake:
 
     def hello(self) -> bytes:
         self._msg1 = msgpack.packb(
-            [MAGIC, HANDSHAKE_VERSION, bytes(self._eph.public_key), nacl.utils.random(32)]
-        )
+            [MAGIC, HANDSHAKE_VERSION, bytes(self._eph.public_key), nacl.utils.random(32),
+             self._suites]
+        )  # fmt: skip
         return self._msg1
 
     def on_reply(self, msg2: bytes) -> bytes:
-        e_s, n_s, box = _unpack(msg2, 3)
+        e_s, n_s, suite, box = _unpack(msg2, 4)
         e_s, n_s = _bin(e_s, 32), _bin(n_s, 32)
+        if suite not in self._suites:
+            raise HandshakeError(f"the node chose a cipher that was not offered: {suite!r:.40}")
+        self._suite = suite
         self._msg2 = msg2
         self._secret = _shared(self._eph, e_s)
-        self._h1 = _h(self._msg1, e_s, n_s)
+        self._h1 = _h(self._msg1, e_s, n_s, suite.encode())
         role, node_key, sig = _unpack(
             _open(_kdf(self._secret, self._h1, b"hs s2c"), _NONCE0, box), 3
         )
@@ -156,7 +169,9 @@ class ClientHandshake:
         )
         h3 = _h(self._msg1, msg2, msg3)
         self._keys = TrafficKeys(
-            send=_kdf(self._secret, h3, b"traffic c2s"), recv=_kdf(self._secret, h3, b"traffic s2c")
+            send=_kdf(self._secret, h3, b"traffic c2s"),
+            recv=_kdf(self._secret, h3, b"traffic s2c"),
+            suite=self._suite,
         )
         return msg3
 
@@ -172,8 +187,12 @@ class ServerHandshake:
     """The node's side. ``on_hello(msg1)``, ``on_auth(msg3)`` gives the client's key and user
     name; then ``accept()`` or ``refuse(text)`` makes msg4."""
 
-    def __init__(self, identity: nacl.signing.SigningKey) -> None:
+    def __init__(
+        self, identity: nacl.signing.SigningKey, suites: list[str] | None = None
+    ) -> None:
         self._id = identity
+        self._suites = list(suites or local_suites())  # what this node will use
+        self._suite = ""
         self._eph = nacl.public.PrivateKey.generate()
         self._msg1 = b""
         self._msg2 = b""
@@ -182,15 +201,22 @@ class ServerHandshake:
         self._keys: TrafficKeys | None = None
 
     def on_hello(self, msg1: bytes) -> bytes:
-        magic, version, e_c, _n_c = _unpack(msg1, 4)
+        magic, version, e_c, _n_c, offer = _unpack(msg1, 5)
         if magic != MAGIC or version != HANDSHAKE_VERSION:
             raise HandshakeError(f"not a ninefs {HANDSHAKE_VERSION} client")
         e_c = _bin(e_c, 32)
         _bin(_n_c, 32)
+        if type(offer) is not list or not 0 < len(offer) <= MAX_SUITES:
+            raise HandshakeError("bad cipher offer")
+        # the client's order, among the suites this node will use
+        suite = next((x for x in offer if type(x) is str and x in self._suites), None)
+        if suite is None:
+            raise HandshakeError("no cipher in common")
+        self._suite = suite
         self._msg1 = msg1
         self._secret = _shared(self._eph, e_c)
         e_s, n_s = bytes(self._eph.public_key), nacl.utils.random(32)
-        self._h1 = _h(msg1, e_s, n_s)
+        self._h1 = _h(msg1, e_s, n_s, suite.encode())
         sig = self._id.sign(b"ninefs node " + self._h1).signature
         inner = msgpack.packb(["node", bytes(self._id.verify_key), sig])
         box = (
@@ -198,7 +224,7 @@ class ServerHandshake:
             .encrypt(inner, _NONCE0)
             .ciphertext
         )
-        self._msg2 = msgpack.packb([e_s, n_s, box])
+        self._msg2 = msgpack.packb([e_s, n_s, suite, box])
         return self._msg2
 
     def on_auth(self, msg3: bytes) -> tuple[bytes, str]:
@@ -213,7 +239,9 @@ class ServerHandshake:
         )
         h3 = _h(self._msg1, self._msg2, msg3)
         self._keys = TrafficKeys(
-            send=_kdf(self._secret, h3, b"traffic s2c"), recv=_kdf(self._secret, h3, b"traffic c2s")
+            send=_kdf(self._secret, h3, b"traffic s2c"),
+            recv=_kdf(self._secret, h3, b"traffic c2s"),
+            suite=self._suite,
         )
         return pub, user
 

@@ -24,6 +24,7 @@ MAXWELEM = 16  # names in one Twalk, as in 9P2000
 MAXNAME = 255  # bytes in one path element (UTF-8)
 MAXSTR = 4096  # bytes in any other string field
 MAXENTRIES = 65535  # entries in one Rreaddir
+MAXCLUNK = 256  # fids in one Tclunkmany
 MIN_MSIZE = 8192
 MAX_MSIZE = 16 << 20
 HEADER_ROOM = 64  # bytes of header that Rread/Twrite payloads must leave in msize
@@ -56,6 +57,7 @@ OAPPEND = 0x2000
 # Ropen/Rcreate flags
 OF_SYNTHETIC = 0x1  # contents made by the server: size 0, read until EOF, never cache
 OF_STREAM = 0x2  # not seekable; a read may block until data arrives or the stream ends
+OF_HEAD = 0x4  # Rwalkopen: data is the file's first bytes, read at open (as a Tread at 0)
 
 WSTAT_KEYS = ("mode", "size", "atime", "mtime")
 
@@ -136,6 +138,10 @@ def _names(v: Any) -> list[str]:
     return [_name(x) for x in _list(v, MAXWELEM)]
 
 
+def _fids(v: Any) -> list[int]:
+    return [_u32(x) for x in _list(v, MAXCLUNK)]
+
+
 def _qid(v: Any) -> Qid:
     if type(v) is not list or len(v) != 3:
         raise ProtocolError("a qid is [type, version, path]")
@@ -178,7 +184,7 @@ def _wstat(v: Any) -> dict[str, int]:
 
 _CHECKERS: dict[str, Callable[[Any], Any]] = {
     "u8": _u8, "u16": _u16, "u32": _u32, "u64": _u64, "i64": _i64,
-    "Str": _str, "Name": _name, "Names": _names,
+    "Str": _str, "Name": _name, "Names": _names, "list[u32]": _fids,
     "Qid": _qid, "list[Qid]": _qids, "Stat": _stat, "list[Stat]": _stats,
     "StatFs": _statfs, "Wstat": _wstat,
 }  # fmt: skip
@@ -301,9 +307,13 @@ class Twalkstat(Msg): fid: u32; newfid: u32; names: Names
 @_message(203)
 class Rwalkstat(Msg): qids: list[Qid]; stat: Stat
 @_message(204)
-class Twalkopen(Msg): fid: u32; newfid: u32; names: Names; mode: u32
+class Twalkopen(Msg): fid: u32; newfid: u32; names: Names; mode: u32; count: u32
 @_message(205)
-class Rwalkopen(Msg): qid: Qid; iounit: u32; flags: u32
+class Rwalkopen(Msg): qid: Qid; iounit: u32; flags: u32; data: Data
+@_message(206)
+class Tclunkmany(Msg): fids: list[u32]
+@_message(207)
+class Rclunkmany(Msg): pass
 # fmt: on
 
 REQUESTS = frozenset(t for t in _BY_TYPE if t % 2 == 0)

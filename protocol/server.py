@@ -98,7 +98,8 @@ class Session:
         self._handlers: dict[type, Callable[[m.Msg], Awaitable[m.Msg | bytes]]] = {
             m.Tattach: self.attach, m.Twalk: self.walk, m.Topen: self.open,
             m.Tcreate: self.create, m.Tread: self.read, m.Twrite: self.write,
-            m.Tclunk: self.clunk, m.Tremove: self.remove, m.Tstat: self.stat,
+            m.Tclunk: self.clunk, m.Tclunkmany: self.clunkmany,
+            m.Tremove: self.remove, m.Tstat: self.stat,
             m.Twstat: self.wstat, m.Treaddir: self.readdir, m.Trename: self.rename,
             m.Tfsync: self.fsync, m.Tstatfs: self.statfs, m.Tsymlink: self.symlink,
             m.Treadlink: self.readlink, m.Tping: self.ping, m.Twalkstat: self.walkstat,
@@ -360,7 +361,16 @@ class Session:
             raise
         nf = self.fids[msg.newfid]
         nf.handle, nf.mode = h, msg.mode
-        return m.Rwalkopen(msg.tag, file.qid, self._iounit(h), h.flags)
+        iounit, flags, data = self._iounit(h), h.flags, b""
+        if msg.count and h.head and (msg.mode & 3) != m.OWRITE:
+            # the first bytes along with the open (a small file in one round trip); if the
+            # read fails the open still stands, and a Tread will meet the error
+            try:
+                data = await h.read(0, min(msg.count, iounit))
+                flags |= m.OF_HEAD
+            except NineError:
+                data = b""
+        return m.Rwalkopen(msg.tag, file.qid, iounit, flags, data)
 
     def _iounit(self, h: Handle) -> int:
         limit = self.msize - m.HEADER_ROOM
@@ -420,9 +430,25 @@ class Session:
         return await self._with_handle(msg.fid, op)
 
     async def clunk(self, msg: m.Tclunk) -> m.Msg:
-        f = self.fids.pop(msg.fid, None)
+        await self._clunk(msg.fid)
+        return m.Rclunk(msg.tag)
+
+    async def clunkmany(self, msg: m.Tclunkmany) -> m.Msg:
+        # Tclunk for each, in order; every known fid is clunked even if another is not
+        unknown = []
+        for fid in msg.fids:
+            try:
+                await self._clunk(fid)
+            except NineError:
+                unknown.append(fid)
+        if unknown:
+            raise NineError("EBADF", f"unknown fids {unknown[:8]}")
+        return m.Rclunkmany(msg.tag)
+
+    async def _clunk(self, fid: int) -> None:
+        f = self.fids.pop(fid, None)
         if f is None:
-            raise NineError("EBADF", f"unknown fid {msg.fid}")
+            raise NineError("EBADF", f"unknown fid {fid}")
         f.clunked = True
         await self._release(f)
         if f.handle is not None and f.mode & m.ORCLOSE:
@@ -430,7 +456,6 @@ class Session:
                 await f.file.remove()
             except NineError:
                 pass
-        return m.Rclunk(msg.tag)
 
     async def remove(self, msg: m.Tremove) -> m.Msg:
         # 9P: remove clunks the fid even when the remove fails.

@@ -25,7 +25,7 @@ from .handshake import (
 )
 from .keys import KnownNodes
 from .messages import MIN_MSIZE
-from .sealing import ABYTES, Opener, Sealer
+from .sealing import MAX_ABYTES, AegisOpener, Opener, opener_for, sealer_for
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,10 @@ class Channel:
         self._raw = getattr(self._sock, "_sock", None)
         if not isinstance(self._raw, socket.socket):
             self._raw = None
-        self._sealer = Sealer(keys.send)
+        self._suite = keys.suite
+        self._sealer = sealer_for(keys.suite, keys.send)
         self._recv_key = keys.recv
-        self._opener: Opener | None = None
+        self._opener: Opener | AegisOpener | None = None
         self.node_key = b""
         self._send_lock = trio.Lock()
         self._header_sent = False
@@ -102,7 +103,7 @@ class Channel:
 
     def set_limit(self, plaintext_limit: int) -> None:
         self.limit = plaintext_limit
-        self._reader.limit = plaintext_limit + ABYTES
+        self._reader.limit = plaintext_limit + MAX_ABYTES
 
     async def send(self, body: bytes) -> None:
         lock = self._send_lock
@@ -205,7 +206,8 @@ class Channel:
     async def receive(self) -> bytes:
         """The next plaintext frame body; ConnectionClosed at the end, ProtocolError if bad."""
         if self._opener is None:
-            self._opener = Opener(self._recv_key, bytes(await self._receive_raw()))
+            header = bytes(await self._receive_raw())
+            self._opener = opener_for(self._suite, self._recv_key, header)
         return self._opener.open(await self._receive_raw())
 
     async def aclose(self) -> None:

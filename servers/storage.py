@@ -388,6 +388,7 @@ class StorageHandle(Handle):
     """An open regular file: positioned reads and writes on its own descriptor."""
 
     flags = 0  # a real file: cacheable, with an exact size
+    head = True
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -423,6 +424,8 @@ class StorageHandle(Handle):
 class DirHandle(StorageHandle):
     """An open directory: its entries and their stats, listed once at open, so readdir
     offsets index a fixed list however the directory changes meanwhile."""
+
+    head = False  # read as readdir, never as bytes
 
     def __init__(self, fd: int, entries: list[m.Stat]) -> None:
         super().__init__(fd)

@@ -139,6 +139,7 @@ class Text(Entry):
 
 class SnapshotHandle(Handle):
     flags = m.OF_SYNTHETIC
+    head = True  # the snapshot was taken at open: reading it changes nothing
 
     def __init__(self, data: bytes, on_write: Callable[[bytes], Any]) -> None:
         self.data = data

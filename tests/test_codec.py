@@ -30,7 +30,15 @@ from ninefs.protocol.handshake import (
     Refused,
     ServerHandshake,
 )
-from ninefs.protocol.sealing import ABYTES, HEADER_BYTES, Opener, Sealer
+from ninefs.protocol.sealing import (
+    ABYTES,
+    AEGIS_ABYTES,
+    HEADER_BYTES,
+    Opener,
+    Sealer,
+    opener_for,
+    sealer_for,
+)
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -83,8 +91,12 @@ EXAMPLES: list[m.Msg] = [
     m.Rping(0xFFFE),
     m.Twalkstat(19, 1, 2, ["jobs", "17", "status"]),
     m.Rwalkstat(19, [QID, QID, QID], STAT),
-    m.Twalkopen(20, 1, 2, ["cpu", "load"], m.OREAD),
-    m.Rwalkopen(20, QID, 8192, m.OF_SYNTHETIC | m.OF_STREAM),
+    m.Twalkopen(20, 1, 2, ["cpu", "load"], m.OREAD, 0),
+    m.Rwalkopen(20, QID, 8192, m.OF_SYNTHETIC | m.OF_STREAM, b""),
+    m.Twalkopen(21, 1, 2, ["storage", "small"], m.OREAD, 65536),
+    m.Rwalkopen(21, QID, 8192, m.OF_HEAD, b"the first bytes\n"),
+    m.Tclunkmany(22, [3, 4, 0xFFFFFFFE]),
+    m.Rclunkmany(22),
 ]
 
 
@@ -131,6 +143,7 @@ STRATEGIES = {
     "i64": _i64, "Str": _strs, "Name": _name,
     "Names": st.lists(_name, max_size=m.MAXWELEM),
     "Qid": _qid, "list[Qid]": st.lists(_qid, max_size=m.MAXWELEM),
+    "list[u32]": st.lists(_u32, max_size=m.MAXCLUNK),
     "Stat": _stat, "list[Stat]": st.lists(_stat, max_size=5),
     "StatFs": st.builds(m.StatFs, *[_u64] * 7),
     "Wstat": st.fixed_dictionaries(
@@ -433,17 +446,24 @@ def test_signature_by_another_key_fails():
         s.on_auth(msg3)
 
 
+_E = nacl.utils.random(32)
+_X = ["xchacha20poly1305"]
 BAD_HELLOS = {
-    "wrong magic": msgpack.packb(["ninefz", 1, bytes(32), bytes(32)]),
-    "wrong version": msgpack.packb(["ninefs", 2, nacl.utils.random(32), bytes(32)]),
-    "short key": msgpack.packb(["ninefs", 1, bytes(31), bytes(32)]),
-    "short nonce": msgpack.packb(["ninefs", 1, nacl.utils.random(32), bytes(31)]),
-    "key as string": msgpack.packb(["ninefs", 1, "k" * 32, bytes(32)]),
-    "low-order key": msgpack.packb(["ninefs", 1, bytes(32), bytes(32)]),
-    "five fields": msgpack.packb(["ninefs", 1, nacl.utils.random(32), bytes(32), 0]),
+    "wrong magic": msgpack.packb(["ninefz", 2, _E, bytes(32), _X]),
+    "old version": msgpack.packb(["ninefs", 1, _E, bytes(32)]),
+    "wrong version": msgpack.packb(["ninefs", 3, _E, bytes(32), _X]),
+    "short key": msgpack.packb(["ninefs", 2, bytes(31), bytes(32), _X]),
+    "short nonce": msgpack.packb(["ninefs", 2, _E, bytes(31), _X]),
+    "key as string": msgpack.packb(["ninefs", 2, "k" * 32, bytes(32), _X]),
+    "low-order key": msgpack.packb(["ninefs", 2, bytes(32), bytes(32), _X]),
+    "six fields": msgpack.packb(["ninefs", 2, _E, bytes(32), _X, 0]),
+    "no offer": msgpack.packb(["ninefs", 2, _E, bytes(32), []]),
+    "offer not a list": msgpack.packb(["ninefs", 2, _E, bytes(32), "xchacha20poly1305"]),
+    "unknown ciphers only": msgpack.packb(["ninefs", 2, _E, bytes(32), ["rot13", 7]]),
+    "too many ciphers": msgpack.packb(["ninefs", 2, _E, bytes(32), _X * 9]),
     "not msgpack": b"\xc1\xc1",
     "a map": msgpack.packb({"magic": "ninefs"}),
-    "too long": msgpack.packb(["ninefs", 1, nacl.utils.random(32), bytes(32)]) + bytes(1024),
+    "too long": msgpack.packb(["ninefs", 2, _E, bytes(32), _X]) + bytes(1024),
     "empty": b"",
 }
 
@@ -471,8 +491,10 @@ def test_handshake_garbage_raises_only_handshake_error(data):
         pass
 
 
-def test_independent_client_per_the_spec():
-    """A client written from docs/protocol.md alone (hashlib and raw NaCl), against the node."""
+@pytest.mark.parametrize("suite", ["xchacha20poly1305", "aegis256"])
+def test_independent_client_per_the_spec(suite):
+    """A client written from docs/protocol.md alone (hashlib and raw NaCl), against the node,
+    in each cipher suite."""
 
     def h(*parts):
         d = hashlib.blake2b(digest_size=32)
@@ -485,13 +507,15 @@ def test_independent_client_per_the_spec():
         return hashlib.blake2b(transcript, key=secret, person=person, digest_size=32).digest()
 
     node, me = _keys()
-    server = ServerHandshake(node)
+    server = ServerHandshake(node, ["aegis256", "xchacha20poly1305"])
     e = nacl.public.PrivateKey.generate()
-    msg1 = msgpack.packb(["ninefs", 1, bytes(e.public_key), nacl.utils.random(32)])
+    offer = ["no-such-cipher", suite]
+    msg1 = msgpack.packb(["ninefs", 2, bytes(e.public_key), nacl.utils.random(32), offer])
     msg2 = server.on_hello(msg1)
-    e_s, n_s, box = msgpack.unpackb(msg2)
+    e_s, n_s, chosen, box = msgpack.unpackb(msg2)
+    assert chosen == suite
     secret = nb.crypto_scalarmult(bytes(e), e_s)
-    h1 = h(msg1, e_s, n_s)
+    h1 = h(msg1, e_s, n_s, suite.encode())
     role, node_pub, sig = msgpack.unpackb(
         nacl.secret.SecretBox(kdf(secret, h1, b"hs s2c")).decrypt(box, bytes(24))
     )
@@ -511,54 +535,68 @@ def test_independent_client_per_the_spec():
     h3 = h(msg1, msg2, msg3)
     assert kdf(secret, h3, b"traffic c2s") == skeys.recv
     assert kdf(secret, h3, b"traffic s2c") == skeys.send
-    # the first frames of the sealed phase: a stream header, then a sealed Tversion
-    state = nb.crypto_secretstream_xchacha20poly1305_state()
-    header = nb.crypto_secretstream_xchacha20poly1305_init_push(
-        state, kdf(secret, h3, b"traffic c2s")
-    )
-    tag = nb.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
-    body = msgpack.packb([100, 0xFFFF, 8192, "9N2026"])
-    sealed = nb.crypto_secretstream_xchacha20poly1305_push(state, body, None, tag)
-    opener = Opener(skeys.recv, header)
-    assert m.decode(opener.open(sealed)) == m.Tversion(0xFFFF, 8192, "9N2026")
+    assert skeys.suite == suite
+    # the first frames of the sealed phase: a stream header, then a sealed Tversion and
+    # a sealed Tping
+    bodies = [msgpack.packb([100, 0xFFFF, 8192, "9N2026"]), msgpack.packb([200, 1])]
+    c2s = kdf(secret, h3, b"traffic c2s")
+    if suite == "xchacha20poly1305":
+        state = nb.crypto_secretstream_xchacha20poly1305_state()
+        header = nb.crypto_secretstream_xchacha20poly1305_init_push(state, c2s)
+        tag = nb.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+        sealed = [nb.crypto_secretstream_xchacha20poly1305_push(state, b, None, tag)
+                  for b in bodies]  # fmt: skip
+    else:
+        header = nacl.utils.random(32)
+        nonces = [header[:24] + (int.from_bytes(header[24:], "little") ^ i).to_bytes(8, "little")
+                  for i in range(2)]  # fmt: skip
+        sealed = [nb.crypto_aead_aegis256_encrypt(b, None, n, c2s)
+                  for b, n in zip(bodies, nonces, strict=True)]  # fmt: skip
+    opener = opener_for(skeys.suite, skeys.recv, header)
+    assert [m.decode(opener.open(x)) for x in sealed] == [
+        m.Tversion(0xFFFF, 8192, "9N2026"),
+        m.Tping(1),
+    ]
 
 
 # -- sealing ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def stream():
+@pytest.fixture(params=["xchacha20poly1305", "aegis256"])
+def stream(request):
+    suite = request.param
     key = nacl.utils.random(32)
-    sealer = Sealer(key)
+    sealer = sealer_for(suite, key)
     frames = [sealer.seal(b"frame %d" % i) for i in range(4)]
-    return key, sealer.header, frames
+    return key, sealer.header, frames, suite
 
 
 def test_seal_round_trip(stream):
-    key, header, frames = stream
-    assert len(header) == HEADER_BYTES == 24
-    assert all(len(f) == len(b"frame 0") + ABYTES for f in frames)
-    o = Opener(key, header)
+    key, header, frames, suite = stream
+    sizes = {"xchacha20poly1305": (HEADER_BYTES, ABYTES), "aegis256": (32, AEGIS_ABYTES)}
+    assert (len(header), len(frames[0]) - len(b"frame 0")) == sizes[suite] != (0, 0)
+    assert all(len(f) == len(frames[0]) for f in frames)
+    o = opener_for(suite, key, header)
     assert [o.open(f) for f in frames] == [b"frame %d" % i for i in range(4)]
 
 
-def _assert_broken(o: Opener, frames) -> None:
+def _assert_broken(o, frames) -> None:
     for f in frames:  # even the right next frame never opens again
         with pytest.raises(ProtocolError):
             o.open(f)
 
 
 def test_altered_frame_fails_and_stays_broken(stream):
-    key, header, frames = stream
-    o = Opener(key, header)
+    key, header, frames, suite = stream
+    o = opener_for(suite, key, header)
     with pytest.raises(ProtocolError):
         o.open(_flip(frames[0], 5))
     _assert_broken(o, frames)
 
 
 def test_replayed_frame_fails(stream):
-    key, header, frames = stream
-    o = Opener(key, header)
+    key, header, frames, suite = stream
+    o = opener_for(suite, key, header)
     o.open(frames[0])
     with pytest.raises(ProtocolError):
         o.open(frames[0])
@@ -566,39 +604,50 @@ def test_replayed_frame_fails(stream):
 
 
 def test_reordered_frames_fail(stream):
-    key, header, frames = stream
-    o = Opener(key, header)
+    key, header, frames, suite = stream
+    o = opener_for(suite, key, header)
     with pytest.raises(ProtocolError):
         o.open(frames[1])
     _assert_broken(o, frames)
 
 
 def test_dropped_frame_fails(stream):
-    key, header, frames = stream
-    o = Opener(key, header)
+    key, header, frames, suite = stream
+    o = opener_for(suite, key, header)
     o.open(frames[0])
     with pytest.raises(ProtocolError):
         o.open(frames[2])
     _assert_broken(o, frames[1:])
 
 
-@pytest.mark.parametrize("cut", [1, ABYTES, len(b"frame 0") + ABYTES])
+@pytest.mark.parametrize("cut", [1, 17, len(b"frame 0") + 17])
 def test_truncated_frame_fails(stream, cut):
-    key, header, frames = stream
-    o = Opener(key, header)
+    key, header, frames, suite = stream
+    o = opener_for(suite, key, header)
     with pytest.raises(ProtocolError):
         o.open(frames[0][:-cut])
     _assert_broken(o, frames)
 
 
 def test_wrong_key_or_header_fails(stream):
-    key, header, frames = stream
+    key, header, frames, suite = stream
     with pytest.raises(ProtocolError):
-        Opener(nacl.utils.random(32), header).open(frames[0])
+        opener_for(suite, nacl.utils.random(32), header).open(frames[0])
     with pytest.raises(ProtocolError):
-        Opener(key, _flip(header, 0)).open(frames[0])
+        opener_for(suite, key, _flip(header, 0)).open(frames[0])
     with pytest.raises(ProtocolError):
-        Opener(key, header[:-1])
+        opener_for(suite, key, _flip(header, len(header) - 1)).open(frames[0])
+    with pytest.raises(ProtocolError):
+        opener_for(suite, key, header[:-1])
+
+
+def test_a_frame_of_one_suite_never_opens_in_the_other():
+    key = nacl.utils.random(32)
+    for a, b in (("xchacha20poly1305", "aegis256"), ("aegis256", "xchacha20poly1305")):
+        sealer = sealer_for(a, key)
+        frame_ = sealer.seal(b"hello")
+        with pytest.raises(ProtocolError):
+            opener_for(b, key, sealer.header).open(frame_)
 
 
 def test_other_stream_tags_are_refused():
@@ -623,3 +672,58 @@ def test_opener_garbage_raises_only_protocol_error(frames):
             o.open(f)
         except ProtocolError:
             pass
+
+
+# -- the cipher suite ---------------------------------------------------------------------
+
+
+def _handshake(client_suites, node_suites):
+    ck, sk = _keys()
+    c = ClientHandshake(ck, "alice", client_suites)
+    s = ServerHandshake(sk, node_suites)
+    msg3 = c.on_reply(s.on_hello(c.hello()))
+    s.on_auth(msg3)
+    msg4, skeys = s.accept()
+    return c.on_verdict(msg4), skeys
+
+
+@pytest.mark.parametrize(
+    "client, node, agreed",
+    [
+        (["aegis256", "xchacha20poly1305"], ["aegis256", "xchacha20poly1305"], "aegis256"),
+        (["xchacha20poly1305", "aegis256"], ["aegis256", "xchacha20poly1305"], "xchacha20poly1305"),
+        (["aegis256", "xchacha20poly1305"], ["xchacha20poly1305"], "xchacha20poly1305"),
+        (["xchacha20poly1305"], ["aegis256", "xchacha20poly1305"], "xchacha20poly1305"),
+    ],
+)
+def test_the_node_picks_the_clients_first_suite_it_has(client, node, agreed):
+    ckeys, skeys = _handshake(client, node)
+    assert ckeys.suite == skeys.suite == agreed
+    sealer = sealer_for(ckeys.suite, ckeys.send)
+    assert opener_for(skeys.suite, skeys.recv, sealer.header).open(sealer.seal(b"x")) == b"x"
+
+
+def test_no_suite_in_common_fails():
+    with pytest.raises(HandshakeError, match="no cipher in common"):
+        _handshake(["aegis256"], ["xchacha20poly1305"])
+
+
+def test_a_downgraded_offer_is_caught():
+    """A man in the middle who strips AEGIS from the client's offer gets the node to
+    choose XChaCha, but the node's box key and signature both cover the offer it saw: the
+    client's check fails."""
+    ck, sk = _keys()
+    c = ClientHandshake(ck, "alice", ["aegis256", "xchacha20poly1305"])
+    s = ServerHandshake(sk, ["aegis256", "xchacha20poly1305"])
+    magic, version, e, n, _ = msgpack.unpackb(c.hello())
+    msg2 = s.on_hello(msgpack.packb([magic, version, e, n, ["xchacha20poly1305"]]))
+    with pytest.raises(HandshakeError, match="box failed to open|signature"):
+        c.on_reply(msg2)
+    # and a reply naming a suite the client never offered is refused outright
+    c2 = ClientHandshake(ck, "alice", ["xchacha20poly1305"])
+    msg2 = ServerHandshake(sk, ["aegis256", "xchacha20poly1305"]).on_hello(
+        ClientHandshake(ck, "alice", ["aegis256"]).hello()
+    )
+    c2.hello()
+    with pytest.raises(HandshakeError, match="not offered"):
+        c2.on_reply(msg2)

@@ -223,7 +223,7 @@ with atheris.instrument_imports():
     from ninefs.protocol.errors import ProtocolError
     from ninefs.protocol.framing import FrameReader
     from ninefs.protocol.handshake import ClientHandshake, ServerHandshake
-    from ninefs.protocol.sealing import Opener
+    from ninefs.protocol.sealing import AEGIS, XCHACHA, opener_for
 
 NODE = nacl.signing.SigningKey(bytes(range(32)))
 USER = nacl.signing.SigningKey(bytes(range(1, 33)))
@@ -246,7 +246,9 @@ def frames(data):
         while (body := reader.next_frame()) is not None:
             bodies.append(body)
         if bodies:
-            opener = Opener(KEY, bodies[0])
+            # the first frame's length picks the suite (24: secretstream, 32: AEGIS)
+            suite = AEGIS if len(bodies[0]) == 32 else XCHACHA
+            opener = opener_for(suite, KEY, bodies[0])
             for body in bodies[1:]:
                 m.decode(opener.open(body))
     except ProtocolError:

@@ -34,7 +34,7 @@ from ninefs.protocol.keys import (
     encode_public,
     fingerprint,
 )
-from ninefs.protocol.sealing import Opener, Sealer
+from ninefs.protocol.sealing import AegisOpener, AegisSealer, Opener, Sealer, opener_for, sealer_for
 from ninefs.protocol.server import Session
 from ninefs.protocol.transport import Channel, ConnectionClosed, accept, dial, open_stream
 
@@ -50,8 +50,8 @@ class Raw:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.reader = FrameReader(MAX_HANDSHAKE_MSG)
-        self.sealer: Sealer | None = None
-        self.opener: Opener | None = None
+        self.sealer: Sealer | AegisSealer | None = None
+        self.opener: Opener | AegisOpener | None = None
         self.keys: TrafficKeys | None = None
 
     @classmethod
@@ -73,7 +73,7 @@ class Raw:
         await self.stream.send_all(frame(msg3))
         self.keys = hs.on_verdict(await self._frame())
         self.reader.limit = m.MAX_MSIZE + 64
-        self.sealer = Sealer(self.keys.send)
+        self.sealer = sealer_for(self.keys.suite, self.keys.send)
         await self.stream.send_all(frame(self.sealer.header))
 
     def seal(self, msg: m.Msg | bytes) -> bytes:
@@ -86,7 +86,7 @@ class Raw:
 
     async def recv(self) -> m.Msg:
         if self.opener is None:
-            self.opener = Opener(self.keys.recv, await self._frame())
+            self.opener = opener_for(self.keys.suite, self.keys.recv, await self._frame())
         return m.decode(self.opener.open(await self._frame()))
 
     async def version(self, msize: int = 1 << 20) -> m.Rversion:
@@ -628,8 +628,51 @@ async def test_walkopen_is_walk_and_open_in_one(client):
         ):
             newfid = client.new_fid()
             with pytest.raises(NineError) as e:
-                await client.rpc(m.Twalkopen(0, client.root, newfid, names, mode))
+                await client.rpc(m.Twalkopen(0, client.root, newfid, names, mode, 100))
             assert e.value.ename == ename
             with pytest.raises(NineError) as e:
                 await client.stat(newfid)
             assert e.value.ename == "EBADF"
+
+
+async def test_walkopen_brings_the_first_bytes_when_asked(client, node):
+    """With a count, Rwalkopen carries what a Tread at 0 would give: all of a snapshot, a
+    storage file's first count bytes; nothing for a stream (reading would wait for what
+    is not there yet) or an open for writing."""
+    (node.export / "ten").write_bytes(b"0123456789")
+    with trio.fail_after(T):
+        for names, mode, count, want in (
+            (["node", "name"], m.OREAD, 100, (m.OF_HEAD, b"n1\n")),
+            (["storage", "ten"], m.OREAD, 4, (m.OF_HEAD, b"0123")),
+            (["storage", "ten"], m.ORDWR, 100, (m.OF_HEAD, b"0123456789")),
+            (["storage", "ten"], m.OWRITE, 100, (0, b"")),
+            (["storage", "ten"], m.OREAD, 0, (0, b"")),
+        ):
+            fid, r = await client.walk_open(client.root, names, mode, count)
+            await client.clunk(fid)
+            assert (r.flags & m.OF_HEAD, bytes(r.data)) == want, names
+        jid = (await client.read_file("/jobs/clone")).decode().strip()
+        await client.write_file(f"/jobs/{jid}/ctl", b"exec sleep 30")
+        fid, r = await client.walk_open(client.root, ["jobs", jid, "stdout"], m.OREAD, 100)
+        assert r.flags & m.OF_STREAM and not r.flags & m.OF_HEAD and r.data == b""
+        await client.clunk(fid)
+        await client.write_file(f"/jobs/{jid}/ctl", b"kill")
+
+
+async def test_clunkmany_clunks_every_known_fid(client):
+    with trio.fail_after(T):
+        fids = [(await client.walk(client.root, ["node", "name"]))[0] for _ in range(5)]
+        await client.rpc(m.Tclunkmany(0, fids[:3]))
+        for fid in fids[:3]:
+            with pytest.raises(NineError) as e:
+                await client.stat(fid)
+            assert e.value.ename == "EBADF"
+        # an unknown fid is EBADF, and the known ones in the same list are clunked still
+        with pytest.raises(NineError) as e:
+            await client.rpc(m.Tclunkmany(0, [fids[3], 9999, fids[4]]))
+        assert e.value.ename == "EBADF" and "9999" in e.value.message
+        for fid in fids[3:]:
+            with pytest.raises(NineError):
+                await client.stat(fid)
+        with pytest.raises(NineError):  # more than MAXCLUNK: malformed, the connection goes
+            await client.rpc(m.Tclunkmany(0, list(range(m.MAXCLUNK + 1))))
