@@ -50,10 +50,10 @@ class Account:
     def acting(self) -> Iterator[None]:
         """Run the enclosed system calls, on this thread only, with this account's
         filesystem credentials. Nothing inside may yield to other tasks."""
-        _set_fs_creds(self.pw.pw_uid, self.pw.pw_gid, self.groups)
         try:
+            _set_fs_creds(self.pw.pw_uid, self.pw.pw_gid, self.groups)
             yield
-        finally:
+        finally:  # also after a switch that failed half-way: never leave a thread half-switched
             _set_fs_creds(*_DAEMON)
 
 

@@ -9,6 +9,7 @@ import os
 import pwd
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import psutil
@@ -21,6 +22,7 @@ from ninefs.protocol.errors import NineError
 from ninefs.protocol.handshake import Refused
 from ninefs.protocol.keys import KnownNodes, encode_public
 from ninefs.protocol.transport import dial
+from ninefs.servers.accounts import Account, fs_ids
 
 from .cluster import make_identity, make_node
 from .test_session import Raw, still_serving, wait_for_log
@@ -361,3 +363,29 @@ async def test_storage_acts_as_the_mapped_account(tmp_path, started, account):
         async with connect(node.addr, who.key, who.user, known(who)) as c:
             wait, out, _ = await run(c, "exec /usr/bin/id -u")
             assert (wait, out) == ("exit 0", f"{account.pw_uid}\n")
+
+
+def test_acting_switches_only_this_thread_and_always_back(account):
+    """The mechanism under /storage's checks: fsuid/fsgid/groups change for the calling
+    thread only, inside the block only, and come back even when the block raises."""
+    acct = Account.of(account)
+    me = fs_ids()
+    seen: dict[str, tuple[int, int]] = {}
+    inside, done = threading.Event(), threading.Event()
+
+    def other() -> None:
+        inside.wait(10)
+        seen["other"] = fs_ids()  # while the main thread is switched
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with pytest.raises(PermissionError), acct.acting():
+        seen["inside"] = fs_ids()
+        inside.set()
+        done.wait(10)
+        open("/etc/shadow").close()  # root's override is gone too
+    t.join(10)
+    assert seen == {"inside": (account.pw_uid, account.pw_gid), "other": me}
+    assert fs_ids() == me
+    open("/etc/shadow").close()  # and back
