@@ -179,9 +179,7 @@ class Figures:
 
 
 async def _open(client: Client, path: str) -> int:
-    fid = await client.walk_path(path)
-    await client.open(fid, m.OREAD)
-    return fid
+    return await client.open_path(path, m.OREAD)
 
 
 async def _latency(client: Client, fid: int, n: int) -> tuple[float, float]:

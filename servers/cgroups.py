@@ -1,15 +1,18 @@
-"""A pids cgroup for each job, where the node may make one.
+"""A cgroup for each job, where the node may make them: limits that hold for the whole job.
 
-RLIMIT_NPROC counts every process of an account, not of one job, and does not bind root; a
-process group is left by any process that calls setsid. A cgroup has neither hole: its
-``pids.max`` bounds the processes of exactly one job, whoever it runs as, and its member
-list names every process the job made, wherever they moved. So where the daemon can make
-cgroups (a pids controller it may write: cgroup v1's pids hierarchy, or a v2 cgroup with
-pids delegated to it) each job gets one, ``limit procs`` is its ``pids.max`` (a default
-bound otherwise), and ending a job kills every member. Elsewhere jobs fall back to
-RLIMIT_NPROC and the process group (servers/jobs.py).
+rlimits are per process (a job of ten processes under RLIMIT_AS 1G may use 10G) or per
+account (RLIMIT_NPROC counts every process of the account, and does not bind root), and a
+process group is left by any process that calls setsid. A cgroup has none of these holes:
+its ``pids.max`` bounds the processes of exactly one job whoever it runs as, its memory
+limit bounds the memory of all the job's processes together, and its member list names
+every process the job made, wherever they moved. So where the daemon can make cgroups (a
+pids or memory controller it may write: cgroup v1's hierarchies, or a v2 cgroup with the
+controllers delegated to it) each job gets one in each: ``limit procs`` is its
+``pids.max`` (DEFAULT_PROCS otherwise), ``limit mem`` its memory limit as well as the
+per-process RLIMIT_AS, and ending a job kills every member. Without them, jobs fall back
+to rlimits and the process group (servers/jobs.py).
 
-The child joins its cgroup itself, between fork and exec, while it is still root; only
+The child joins its cgroups itself, between fork and exec, while it is still root; only
 then does it become the job's account (a process may always move itself while root).
 """
 
@@ -27,34 +30,42 @@ import xxhash
 log = logging.getLogger(__name__)
 
 DEFAULT_PROCS = 4096  # a job's bound on processes without `limit procs`: no fork bomb is unbounded
+# controller -> its limit file in cgroup v1 and in v2
+_LIMIT_FILES = {"pids": ("pids.max", "pids.max"), "memory": ("memory.limit_in_bytes", "memory.max")}
 
 
-def _own_pids_dir() -> Path | None:
-    """The cgroup directory of this process in a pids controller it can see, or None."""
+def _own_dirs() -> dict[str, tuple[Path, str]]:
+    """For each controller we use: this process's cgroup directory in it, and the name of
+    its limit file there. Empty where there are none."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
         mounts = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
-        return None
-    v1 = v2 = None
+        return {}
+    v1: dict[str, str] = {}
+    v2 = None
     for line in mounts:
         left, _, right = line.partition(" - ")
         fstype, _, opts = (right.split() + ["", "", ""])[:3]
         point = left.split()[4]
-        if fstype == "cgroup" and "pids" in opts.split(","):
-            v1 = v1 or point
+        if fstype == "cgroup":
+            for c in _LIMIT_FILES:
+                if c in opts.split(","):
+                    v1.setdefault(c, point)
         elif fstype == "cgroup2":
             v2 = v2 or point
+    out: dict[str, tuple[Path, str]] = {}
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if v1 and "pids" in controllers.split(","):
-            return Path(v1 + path)
-        if v2 and controllers == "" and line.startswith("0::"):
-            d = Path(v2 + path)
-            with contextlib.suppress(OSError):
-                if "pids" in (d / "cgroup.subtree_control").read_text().split():
-                    return d
-    return None
+        for c, (v1_file, v2_file) in _LIMIT_FILES.items():
+            if c in v1 and c in controllers.split(","):
+                out[c] = (Path(v1[c] + path), v1_file)
+            elif v2 and line.startswith("0::") and c not in out:
+                d = Path(v2 + path)
+                with contextlib.suppress(OSError):
+                    if c in (d / "cgroup.subtree_control").read_text().split():
+                        out[c] = (d, v2_file)
+    return out
 
 
 def _base(own: Path, node: str, state: Path) -> Path:
@@ -63,110 +74,118 @@ def _base(own: Path, node: str, state: Path) -> Path:
 
 
 class JobGroups:
-    """The cgroups of one node's jobs: ``<own cgroup>/ninefs-<node>-<state>/job<id>``, one
-    directory per state directory, which is what owns the job ids (two daemons on one
-    machine never share one, and a restarted daemon finds its predecessor's)."""
+    """The cgroups of one node's jobs: ``<own cgroup>/ninefs-<node>-<state>/job<id>`` in each
+    controller's hierarchy, one directory per state directory, which is what owns the job
+    ids (two daemons on one machine never share one, and a restarted daemon finds its
+    predecessor's)."""
 
-    def __init__(self, base: Path | None) -> None:
-        self.base = base  # None: no cgroups here
+    def __init__(self, bases: dict[str, tuple[Path, str]]) -> None:
+        self.bases = bases  # controller -> (the node's directory, limit file); {}: none
 
     @classmethod
     def open(cls, node: str, state: Path) -> JobGroups:
-        """The node's cgroups, if this process may make them here."""
-        own = _own_pids_dir()
-        if own is None:
-            log.info("no pids cgroup: `limit procs` is RLIMIT_NPROC, per account")
-            return cls(None)
-        base = _base(own, node, state)
-        try:
-            base.mkdir(exist_ok=True)
-            probe = base / "probe"
-            probe.mkdir(exist_ok=True)
-            (probe / "pids.max").write_text("1\n")
-            probe.rmdir()
-        except OSError as e:
-            log.info("cannot make pids cgroups under %s (%s): `limit procs` is RLIMIT_NPROC",
-                     own, e.strerror)  # fmt: skip
-            return cls(None)
-        log.info("jobs get pids cgroups under %s", base)
-        return cls(base)
+        """The node's cgroups, in each controller where this process may make them."""
+        bases = {}
+        for c, (own, limit) in _own_dirs().items():
+            base = _base(own, node, state)
+            try:
+                base.mkdir(exist_ok=True)
+                probe = base / "probe"
+                probe.mkdir(exist_ok=True)
+                probe.rmdir()
+            except OSError as e:
+                log.info("cannot make %s cgroups under %s (%s)", c, own, e.strerror)
+                continue
+            bases[c] = (base, limit)
+        if bases:
+            log.info(
+                "jobs get cgroups: %s", ", ".join(f"{c} under {b}" for c, (b, _) in bases.items())
+            )
+        else:
+            log.info("no cgroups: jobs are bounded by rlimits only")
+        return cls(bases)
 
-    def make(self, job_id: int, procs: int) -> Path | None:
-        """A new cgroup for a job, bounded at ``procs`` processes; None without cgroups."""
-        if self.base is None:
-            return None
-        d = self.base / f"job{job_id}"
-        self.kill(d)  # a stale one from a daemon before (ids are never reused, but be sure)
-        self.remove(d)
-        d.mkdir()
-        (d / "pids.max").write_text(f"{procs}\n")
-        return d
+    @property
+    def has(self) -> set[str]:
+        return set(self.bases)
+
+    def make(self, job_id: int, limits: dict[str, int]) -> list[Path]:
+        """New cgroups for a job (one per hierarchy), with ``limits`` (controller ->
+        value) written; [] without cgroups."""
+        dirs: list[Path] = []
+        for c, (base, limit_file) in self.bases.items():
+            d = base / f"job{job_id}"
+            if d not in dirs:
+                self.kill([d])  # a stale one from a daemon before (ids are never reused)
+                self.remove([d])
+                d.mkdir()
+                dirs.append(d)
+            if c in limits:
+                (d / limit_file).write_text(f"{limits[c]}\n")
+        return dirs
 
     @staticmethod
-    def join(d: Path) -> None:
-        """Move the calling process into ``d`` (in the child, before exec)."""
-        with open(d / "cgroup.procs", "w") as f:
-            f.write("0\n")  # 0: the writer itself
+    def join(dirs: list[Path]) -> None:
+        """Move the calling process into ``dirs`` (in the child, before exec)."""
+        for d in dirs:
+            with open(d / "cgroup.procs", "w") as f:
+                f.write("0\n")  # 0: the writer itself
 
     @staticmethod
-    def members(d: Path) -> list[int]:
-        try:
-            return [int(p) for p in (d / "cgroup.procs").read_text().split()]
-        except OSError:
-            return []
+    def members(dirs: list[Path]) -> set[int]:
+        out: set[int] = set()
+        for d in dirs:
+            with contextlib.suppress(OSError, ValueError):
+                out.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+        return out
 
-    def kill(self, d: Path | None) -> int:
-        """SIGKILL every process in ``d``; how many were signalled."""
-        if d is None:
-            return 0
+    def kill(self, dirs: list[Path]) -> int:
+        """SIGKILL every process in ``dirs``; how many were signalled."""
         n = 0
-        for pid in self.members(d):
+        for pid in self.members(dirs):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 n += 1
         return n
 
     @staticmethod
-    def remove(d: Path | None) -> bool:
-        """Remove ``d`` once it is empty; False if it still has members (or is gone)."""
-        if d is None:
-            return False
-        try:
-            d.rmdir()
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
-        return True
+    def remove(dirs: list[Path]) -> bool:
+        """Remove ``dirs`` once they are empty; False if one still has members."""
+        gone = True
+        for d in dirs:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                gone = False
+        return gone
 
-    def sweep(self, keep: set[int]) -> None:
-        """Kill and remove the cgroups of jobs not in ``keep`` (left by a daemon before)."""
-        if self.base is None:
-            return
-        for d in self.base.glob("job*"):
-            with contextlib.suppress(ValueError):
-                if int(d.name[3:]) in keep:
-                    continue
-            if self.kill(d):
-                log.info("killed what was left in %s", d)
-            self.remove(d)
+    def sweep(self) -> None:
+        """Kill and remove every job cgroup of this node (at start: what jobs of a daemon
+        before left; at the end: what is left of ours)."""
+        stale = [d for base, _ in self.bases.values() for d in base.glob("job*")]
+        if self.kill(stale):
+            log.info("killed what was left in %s", ", ".join(map(str, stale)))
+        self.remove(stale)
 
     def close(self) -> None:
-        """At the daemon's end: remove the node's directory if no job left anything."""
-        if self.base is not None:
-            self.sweep(keep=set())
-            self.remove(self.base)
+        """At the daemon's end: remove the node's directories if no job left anything."""
+        self.sweep()
+        self.remove([base for base, _ in self.bases.values()])
 
 
 def discard(node: str, state: Path) -> None:
     """Kill and remove whatever a node that is gone left in its cgroups (a daemon killed
     with SIGKILL cannot; its successor would, and tests that start none call this).
     ``state``: the node's job directory, as given to its JobTable."""
-    own = _own_pids_dir()
-    if own is None:
-        return
-    base = _base(own, node, state)
+    bases = {
+        c: (_base(own, node, state), limit)
+        for c, (own, limit) in _own_dirs().items()
+        if _base(own, node, state).is_dir()
+    }
+    groups = JobGroups(bases)
     deadline = time.monotonic() + 5
-    while base.is_dir() and time.monotonic() < deadline:
-        JobGroups(base).close()
+    while any(b.is_dir() for b, _ in bases.values()) and time.monotonic() < deadline:
+        groups.close()
         time.sleep(0.01)  # killed members leave once they are reaped

@@ -94,23 +94,25 @@ def _parse_limit(kind: str, value: str) -> float:
 
 
 def _preexec(
-    limits: dict[str, float], pw: pwd.struct_passwd | None, cgroup: Path | None
+    limits: dict[str, float],
+    pw: pwd.struct_passwd | None,
+    cgroups: list[Path],
+    pids_cgroup: bool,
 ) -> Callable[[], None]:
-    """In the child, between fork and exec: into the job's cgroup (while still root), then
-    the job's account (groups, gid, uid: as subprocess's user= would), then no new
+    """In the child, between fork and exec: into the job's cgroups (while still root),
+    then the job's account (groups, gid, uid: as subprocess's user= would), then no new
     privileges from here on (setuid bits and file capabilities are ignored by exec), then
-    the job's rlimits. Without a cgroup, `limit procs` is RLIMIT_NPROC."""
+    the job's rlimits. Without a pids cgroup, `limit procs` is RLIMIT_NPROC."""
     table = [
         (resource.RLIMIT_CPU, "cpu", 1),  # hard one second later: SIGXCPU first, then KILL
         (resource.RLIMIT_AS, "mem", 0),
-        *([] if cgroup else [(resource.RLIMIT_NPROC, "procs", 0)]),
+        *([] if pids_cgroup else [(resource.RLIMIT_NPROC, "procs", 0)]),
     ]
     todo = [(res, int(limits[k]), extra) for res, k, extra in table if k in limits]
     groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw is not None else []
 
     def apply() -> None:
-        if cgroup is not None:
-            JobGroups.join(cgroup)
+        JobGroups.join(cgroups)
         if pw is not None:
             os.setgroups(groups)
             os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
@@ -289,7 +291,7 @@ class Job:
         self.io_lock = trio.Lock()  # orders metadata writes and the final rmtree
         self.entry: Dir | None = None
         self.account: pwd.struct_passwd | None = None  # None: the daemon's own account
-        self.cgroup: Path | None = None  # its pids cgroup while it runs, where there are any
+        self.cgroups: list[Path] = []  # its cgroups while it runs, where there are any
 
     # -- what it looks like ---------------------------------------------------------------
 
@@ -440,7 +442,7 @@ class JobTable:
                 _write_atomic(d / "meta.json", json.dumps(job.meta()))
             self.jobs[job.id] = job
         # what the last daemon's jobs left in their cgroups (none of them runs now)
-        self.cgroups.sweep(keep=set())
+        self.cgroups.sweep()
         return top + 1
 
     @staticmethod
@@ -587,16 +589,18 @@ class JobTable:
     async def _supervise(self, job: Job, *, task_status: trio.TaskStatus[None]) -> None:
         pw = job.account
         env = _clean_env(pw) | job.env
-        procs = int(job.limits.get("procs", DEFAULT_PROCS))
-        job.cgroup = await trio.to_thread.run_sync(self.cgroups.make, job.id, procs)
+        caps = {"pids": int(job.limits.get("procs", DEFAULT_PROCS))}
+        if "mem" in job.limits:
+            caps["memory"] = int(job.limits["mem"])  # all its processes together
+        job.cgroups = await trio.to_thread.run_sync(self.cgroups.make, job.id, caps)
         try:
             proc = await trio.lowlevel.open_process(
                 job.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=job.cwd, env=env, start_new_session=True,
-                preexec_fn=_preexec(job.limits, pw, job.cgroup),
+                preexec_fn=_preexec(job.limits, pw, job.cgroups, "pids" in self.cgroups.has),
             )  # fmt: skip
         except BaseException:
-            self.cgroups.remove(job.cgroup)
+            self.cgroups.remove(job.cgroups)
             raise
         job.proc, job.pid, job.start = proc, proc.pid, time.time()
         with contextlib.suppress(psutil.Error):
@@ -681,11 +685,11 @@ class JobTable:
         # those not our children; a cgroup still busy after that is swept at next start.
         for delay in (0, 0.01, 0.05, 0.1, 0.25, 0.5):
             await trio.sleep(delay)
-            if self.cgroups.remove(job.cgroup):
-                job.cgroup = None
+            if self.cgroups.remove(job.cgroups):
+                job.cgroups = []
                 return
-            self.cgroups.kill(job.cgroup)
-        log.warning("job %d: cgroup %s is still busy", job.id, job.cgroup)
+            self.cgroups.kill(job.cgroups)
+        log.warning("job %d: cgroups %s are still busy", job.id, job.cgroups)
 
     def _ended(self, job: Job) -> None:
         job.stdout.done = job.stderr.done = True
@@ -699,7 +703,7 @@ class JobTable:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(job.pid, sig)
         if sig == signal.SIGKILL:
-            self.cgroups.kill(job.cgroup)
+            self.cgroups.kill(job.cgroups)
 
     async def _remove(self, job: Job, why: str) -> None:
         if job.removed:

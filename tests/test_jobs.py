@@ -172,10 +172,10 @@ async def test_limits_are_enforced(client: Client) -> None:
         assert st["limits"] == "cpu=1" and float(st["end"]) - float(st["start"]) >= 0.9
 
 
-def _cgroups_here() -> bool:
-    from ninefs.servers.cgroups import _own_pids_dir
+def _cgroups_here(controller: str = "pids") -> bool:
+    from ninefs.servers.cgroups import _own_dirs
 
-    return _own_pids_dir() is not None
+    return controller in _own_dirs()
 
 
 def _alive(pid: int) -> bool:
@@ -214,6 +214,26 @@ async def test_limit_procs_holds_for_root_and_counts_one_job(client: Client) -> 
         )
         while _sleepers(tag):  # what the bomb forked went with it
             await trio.sleep(0.02)
+
+
+@pytest.mark.skipif(not _cgroups_here("memory"), reason="no memory cgroup on this machine")
+async def test_limit_mem_holds_for_the_whole_job(client: Client) -> None:
+    """RLIMIT_AS bounds each process; the job's memory cgroup bounds them together: two
+    processes of 120 MiB each fit `limit mem 200M` one by one, not both at once."""
+    eat = f"{sys.executable} -c 'import time; x = b\"\\1\" * (120 << 20); time.sleep(3)'"
+    with trio.fail_after(T):
+        alone = await start(client, f"limit mem 200M\nrun {eat}; echo $?")
+        both = await start(
+            client,
+            f"limit mem 200M\nrun {eat} & a=$!; {eat} & b=$!; wait $a; echo $?; wait $b; echo $?",
+        )
+        assert (await read(client, alone, "wait"), await read(client, alone, "stdout")) == (
+            "exit 0\n",
+            "0\n",
+        )
+        assert await read(client, both, "wait") == "exit 0\n"
+        codes = (await read(client, both, "stdout")).split()
+        assert "137" in codes, codes  # one was killed (SIGKILL) when the job went over
 
 
 @pytest.mark.skipif(not _cgroups_here(), reason="no pids cgroup on this machine")
