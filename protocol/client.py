@@ -17,7 +17,9 @@ import trio
 
 from . import messages as m
 from .errors import NineError, ProtocolError, collapse_groups
+from .framing import LEN_SIZE
 from .keys import KnownNodes
+from .sealing import MAX_ABYTES
 from .transport import Channel, ConnectionClosed, dial
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MSIZE = 2 << 20
 META_TIMEOUT = 5.0  # seconds for a metadata call
 DATA_TIMEOUT = 30.0  # seconds for a read or write of data
+BIG_WRITE = 64 << 10  # Twrites at least this long are laid out in their frame directly
 CLUNK_DELAY = 0.01  # seconds clunks gather for one Tclunkmany
 FLUSH_TIMEOUT = 3.0  # seconds for Rflush; past that the node is hung and the connection goes
 MAX_TAGS = 4096
@@ -135,7 +138,12 @@ class Client:
         keep = False  # the tag stays taken until a background flush frees it
         try:
             try:
-                await self.channel.send(m.encode(msg))
+                if type(msg) is m.Twrite and len(msg.data) >= BIG_WRITE:
+                    # into its frame once, sealed where it lies (no encode + seal copies)
+                    buf, n = m.encode_into(msg, LEN_SIZE, MAX_ABYTES)
+                    await self.channel.send_prepared(buf, n)
+                else:
+                    await self.channel.send(m.encode(msg))
             except ConnectionClosed as e:
                 self._close(str(e))
                 raise self._lost() from None

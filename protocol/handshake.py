@@ -187,9 +187,7 @@ class ServerHandshake:
     """The node's side. ``on_hello(msg1)``, ``on_auth(msg3)`` gives the client's key and user
     name; then ``accept()`` or ``refuse(text)`` makes msg4."""
 
-    def __init__(
-        self, identity: nacl.signing.SigningKey, suites: list[str] | None = None
-    ) -> None:
+    def __init__(self, identity: nacl.signing.SigningKey, suites: list[str] | None = None) -> None:
         self._id = identity
         self._suites = list(suites or local_suites())  # what this node will use
         self._suite = ""

@@ -337,6 +337,21 @@ def encode(msg: Msg) -> bytes:
     return packed
 
 
+def encode_into(msg: Msg, room: int, tail: int) -> tuple[bytearray, int]:
+    """``encode(msg)`` laid out in a buffer of its own, ``room`` bytes in and ``tail``
+    bytes of room after it (Channel.send_prepared seals it there): a big payload is
+    copied once, into its frame. Returns the buffer and the body's length."""
+    cls = type(msg)
+    data = msg.data if cls in _HAS_DATA else b""
+    header = encode(cls(msg.tag, *(getattr(msg, name) for name, _ in _FIELDS[cls]),
+                        *((b"",) if cls in _HAS_DATA else ())))  # fmt: skip
+    n = len(header) + len(data)
+    buf = bytearray(room + n + tail)
+    buf[room : room + len(header)] = header
+    buf[room + len(header) : room + n] = data
+    return buf, n
+
+
 _VIEW_MIN = 64 << 10  # Rread payloads at least this long stay views of their frame
 _HEAD_PEEK = 16 << 10  # headers of messages that carry payloads are far smaller than this
 

@@ -36,6 +36,7 @@ AEGIS_HEADER_BYTES = _AEGIS_NONCE
 MAX_ABYTES = max(ABYTES, AEGIS_ABYTES)  # what sealing may add to a body, in any suite
 _AEGIS_MAX = min(lib.crypto_aead_aegis256_messagebytes_max(), 1 << 62)
 _COUNTER_END = 1 << 64
+_INPLACE_MIN = 64 << 10  # frames at least this long are opened in place
 
 
 def local_suites() -> list[str]:
@@ -166,6 +167,21 @@ class AegisSealer:
             raise RuntimeError("sealing failed")
         return out
 
+    def seal_inplace(self, buf: bytearray, start: int, n: int) -> int:
+        """Seal ``buf[start:start+n]`` where it lies, the tag right after it (``buf`` must
+        have AEGIS_ABYTES of room there): a big reply built in its frame buffer is never
+        copied. Returns the sealed length."""
+        if n > _AEGIS_MAX or len(buf) < start + n + AEGIS_ABYTES:
+            raise ValueError("no room to seal in place")
+        with ffi.from_buffer(_UCHARS, buf) as whole:  # released after: buf may be resized
+            p = whole + start
+            rc = lib.crypto_aead_aegis256_encrypt(
+                p, ffi.NULL, p, n, ffi.NULL, 0, ffi.NULL, self._nonces.next(), self._key
+            )
+        if rc != 0:
+            raise RuntimeError("sealing failed")
+        return n + AEGIS_ABYTES
+
 
 class AegisOpener:
     """Opener's interface, for the aegis256 suite: frames in order, any failure final."""
@@ -184,13 +200,18 @@ class AegisOpener:
         if n < 0 or n > _AEGIS_MAX:
             self._broken = True
             raise ProtocolError("a sealed frame of a bad length")
-        plaintext = bytearray(n)
-        rc = lib.crypto_aead_aegis256_decrypt(
-            ffi.from_buffer(_UCHARS, plaintext), ffi.NULL, ffi.NULL,
-            ffi.from_buffer(_UCHARS, ciphertext), len(ciphertext), ffi.NULL, 0,
-            self._nonces.next(), self._key,
-        )  # fmt: skip
+        # A frame in a bytearray of its own (a big one, received into place) is opened where
+        # it lies and handed back shortened: no second buffer for a 1 MiB Rread.
+        inplace = type(ciphertext) is bytearray and n >= _INPLACE_MIN
+        plaintext = ciphertext if inplace else bytearray(n)
+        with ffi.from_buffer(_UCHARS, ciphertext) as c:  # released: plaintext is resized below
+            rc = lib.crypto_aead_aegis256_decrypt(
+                c if inplace else ffi.from_buffer(_UCHARS, plaintext), ffi.NULL, ffi.NULL,
+                c, len(ciphertext), ffi.NULL, 0, self._nonces.next(), self._key,
+            )  # fmt: skip
         if rc != 0:
             self._broken = True
             raise ProtocolError("a sealed frame failed to open (altered, replayed or out of order)")
+        if inplace:
+            del plaintext[n:]  # the tag: shrinking a bytearray's end moves nothing
         return plaintext

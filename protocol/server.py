@@ -17,12 +17,24 @@ import trio
 
 from . import messages as m
 from .errors import NineError, ProtocolError, collapse_groups
+from .framing import LEN_SIZE
 from .fs import File, Handle, Principal, Tree
+from .sealing import MAX_ABYTES
 from .transport import Channel, ConnectionClosed
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MSIZE = 2 << 20
+BIG_READ = 64 << 10  # reads at least this long go straight into their reply's frame
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A reply already laid out in its frame buffer (Channel.send_prepared): ``n`` bytes of
+    plaintext after LEN_SIZE bytes of room."""
+
+    buf: bytearray
+    n: int
 
 
 @dataclass
@@ -95,7 +107,7 @@ class Session:
         self._slots = trio.Semaphore(max_inflight)
         self._admitted = trio.Semaphore(max_inflight + max_queued)
         self._flushes = trio.Semaphore(max_flushes)  # Tflushes waiting for their request
-        self._handlers: dict[type, Callable[[m.Msg], Awaitable[m.Msg | bytes]]] = {
+        self._handlers: dict[type, Callable[[m.Msg], Awaitable[m.Msg | bytes | Prepared]]] = {
             m.Tattach: self.attach, m.Twalk: self.walk, m.Topen: self.open,
             m.Tcreate: self.create, m.Tread: self.read, m.Twrite: self.write,
             m.Tclunk: self.clunk, m.Tclunkmany: self.clunkmany,
@@ -151,7 +163,7 @@ class Session:
 
     async def _run(self, msg: m.Msg, req: _Request) -> None:
         try:
-            reply: m.Msg | bytes | None = None
+            reply: m.Msg | bytes | Prepared | None = None
             try:
                 with req.scope:
                     await _take(self._slots)  # a Tflush may cancel the wait for a slot too
@@ -176,7 +188,13 @@ class Session:
             req.done.set()
             self._admitted.release()
 
-    async def _send(self, reply: m.Msg | bytes) -> None:
+    async def _send(self, reply: m.Msg | bytes | Prepared) -> None:
+        if isinstance(reply, Prepared):
+            try:
+                await self.channel.send_prepared(reply.buf, reply.n)
+            except ConnectionClosed:
+                pass
+            return
         try:
             body = reply if isinstance(reply, bytes) else m.encode(reply)  # bytes: encoded
         except Exception:  # e.g. a name with lone surrogates: fail this request, not the session
@@ -389,12 +407,22 @@ class Session:
         f.file, f.handle, f.mode = file, h, msg.mode
         return m.Rcreate(msg.tag, file.qid, self._iounit(h), h.flags)
 
-    async def read(self, msg: m.Tread) -> m.Msg:
+    async def read(self, msg: m.Tread) -> m.Msg | Prepared:
         count = min(msg.count, self.msize - m.HEADER_ROOM)
 
-        async def op(f: Fid) -> m.Msg:
+        async def op(f: Fid) -> m.Msg | Prepared:
             if (f.mode & 3) == m.OWRITE:
                 raise NineError("EBADF", "not open for reading")
+            read_into = getattr(f.handle, "read_into", None)
+            if read_into is not None and count >= BIG_READ:
+                # read straight into the reply's frame, sealed where it lies: no copies
+                head = m.encode(m.Rread(msg.tag, b""))
+                start = LEN_SIZE + len(head)
+                buf = bytearray(start + count + MAX_ABYTES)
+                buf[LEN_SIZE:start] = head
+                with memoryview(buf) as view:
+                    got = await read_into(msg.offset, view[start : start + count])
+                return Prepared(buf, len(head) + min(got, count))
             data = await f.handle.read(msg.offset, count)
             return m.Rread(msg.tag, data[:count])
 

@@ -106,6 +106,24 @@ class Channel:
         self._reader.limit = plaintext_limit + MAX_ABYTES
 
     async def send(self, body: bytes) -> None:
+        await self._send_sealed(lambda: self._sealer.seal_framed(body, LEN_SIZE))
+
+    async def send_prepared(self, buf: bytearray, n: int) -> None:
+        """Send the plaintext ``buf[LEN_SIZE:LEN_SIZE+n]``, built there by the caller with
+        MAX_ABYTES of room after it: where the suite can, it is sealed in place (a big
+        Rread read straight into its frame is never copied)."""
+
+        def seal() -> bytearray:
+            inplace = getattr(self._sealer, "seal_inplace", None)
+            if inplace is None:
+                with memoryview(buf) as view:
+                    return self._sealer.seal_framed(view[LEN_SIZE : LEN_SIZE + n], LEN_SIZE)
+            del buf[LEN_SIZE + inplace(buf, LEN_SIZE, n) :]
+            return buf
+
+        await self._send_sealed(seal)
+
+    async def _send_sealed(self, seal: Callable[[], bytearray]) -> None:
         lock = self._send_lock
         if lock.locked():
             await lock.acquire()
@@ -123,7 +141,7 @@ class Channel:
             if self._broken:
                 raise ConnectionClosed(self._broken)
             # sealed in place behind room for the length: one buffer, no copies
-            sealed = self._sealer.seal_framed(body, LEN_SIZE)
+            sealed = seal()
             _LEN.pack_into(sealed, 0, len(sealed) - LEN_SIZE)
             if not self._header_sent:
                 sealed = frame(self._sealer.header) + sealed

@@ -404,6 +404,12 @@ class StorageHandle(Handle):
             return os.pread(self._fd, count, offset)
         return await _thread(os.pread, self._fd, count, offset)
 
+    async def read_into(self, offset: int, buf: memoryview) -> int:
+        """As ``read``, into ``buf`` (the reply's frame: Session.read's fast path)."""
+        if offset > _MAX_OFFSET:
+            raise NineError("EINVAL", "offset out of range")
+        return await _thread(os.preadv, self._fd, [buf], offset)
+
     async def write(self, offset: int, data: bytes) -> int:
         if offset > _MAX_OFFSET:
             raise NineError("EINVAL", "offset out of range")
@@ -426,6 +432,7 @@ class DirHandle(StorageHandle):
     offsets index a fixed list however the directory changes meanwhile."""
 
     head = False  # read as readdir, never as bytes
+    read_into = None  # type: ignore[assignment]  # Tread of a directory: read gives EISDIR
 
     def __init__(self, fd: int, entries: list[m.Stat]) -> None:
         super().__init__(fd)

@@ -727,3 +727,25 @@ def test_a_downgraded_offer_is_caught():
     c2.hello()
     with pytest.raises(HandshakeError, match="not offered"):
         c2.on_reply(msg2)
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda x: type(x).__name__)
+def test_encode_into_lays_out_what_encode_gives(msg):
+    buf, n = m.encode_into(msg, 4, 32)
+    assert len(buf) == 4 + n + 32 and bytes(buf[4 : 4 + n]) == m.encode(msg)
+
+
+@pytest.mark.parametrize("suite", ["xchacha20poly1305", "aegis256"])
+def test_a_big_frame_sealed_in_its_buffer_opens_as_sent(suite):
+    """Channel.send_prepared's path (seal in place where the suite can) and the opener's
+    in-place path for big frames, against each other."""
+    key = nacl.utils.random(32)
+    sealer = sealer_for(suite, key)
+    body = nacl.utils.random(200_000)
+    buf = bytearray(4) + bytearray(body) + bytearray(32)
+    inplace = getattr(sealer, "seal_inplace", None)
+    if inplace is not None:
+        sealed = bytearray(buf[4 : 4 + inplace(buf, 4, len(body))])
+    else:
+        sealed = bytearray(sealer.seal(bytes(buf[4 : 4 + len(body)])))
+    assert opener_for(suite, key, sealer.header).open(sealed) == body
