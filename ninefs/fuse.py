@@ -591,9 +591,7 @@ class NinefsOps(pyfuse3.Operations):
         elif path == ("ctl",):
             of.writer = self._ctl_write
             if reading:
-                of.data = "".join(
-                    f"mount {c.addr} {c.name}\n" for c in self.ns.nodes.values()
-                ).encode()
+                of.data = self.ns.text().encode()
         elif path == ("jobs", "clone"):
             if writing:
                 raise NineError("EACCES", "clone is read-only")

@@ -58,6 +58,16 @@ class BindSrc:
 Src = NodeSrc | LocalSrc | BindSrc
 
 
+def _show(path: Path_) -> str:
+    return "/" + "/".join(path)
+
+
+def _show_src(src: Src) -> str:
+    if isinstance(src, NodeSrc):
+        return _show(("n", src.node, *src.path))
+    return _show(src.path)
+
+
 def split(path: str) -> Path_:
     return tuple(p for p in path.split("/") if p and p != ".")
 
@@ -144,6 +154,33 @@ class Namespace:
                 if not (isinstance(c, LocalSrc) and self.local_kind(c.path) is None)
             ]
             self.table[n] = [*current, src] if flag == "-a" else [src, *current]
+
+    def text(self) -> str:
+        """The namespace as a namespace file would make it (what reading /ctl gives, as
+        Plan 9's ns(1) prints a mount table): each node's `mount`, then each bound place
+        as `bind` for its first source and `bind -a`/`-b` for the others, in the order
+        they were made. Loading the text gives this namespace again."""
+        lines = [f"mount {c.addr} {c.name}" for c in self.nodes.values()]
+        table = self.table
+        for dst, srcs in list(table.items()):
+            if not dst or (len(dst) == 2 and dst[0] == "n" and dst[1] in self.nodes):
+                continue  # the root, and the nodes' own mount points: the lines above
+            # what would show there without this entry: a union's own part
+            self.table = {k: v for k, v in table.items() if k != dst}
+            try:
+                under = [c for c in self.resolve(dst)
+                         if not (isinstance(c, LocalSrc) and self.local_kind(c.path) is None)]  # fmt: skip
+            finally:
+                self.table = table
+            where, k = _show(dst), len(under)
+            if under and srcs[:k] == under:
+                lines += [f"bind -a {_show_src(x)} {where}" for x in srcs[k:]]
+            elif under and srcs[-k:] == under:
+                lines += [f"bind -b {_show_src(x)} {where}" for x in reversed(srcs[:-k])]
+            elif srcs:
+                lines.append(f"bind {_show_src(srcs[0])} {where}")
+                lines += [f"bind -a {_show_src(x)} {where}" for x in srcs[1:]]
+        return "".join(line + "\n" for line in lines)
 
     async def load(self, lines: Iterable[str], origin: str = "namespace") -> None:
         """Apply a namespace file: ``mount ADDR NAME`` and ``bind [-a|-b] OLD NEW`` lines."""

@@ -292,7 +292,17 @@ def test_union_bind_and_ctl(mount: Path, cluster: list[NodeProc]) -> None:
     sh("echo 'bind /n/n3/storage /n/n1/storage' > ctl", mount)
     assert sh("ls n/n1/storage", mount).split() == ["three"]
     assert "No such file or directory" in fails("cat n/n1/storage/one", mount)
-    sh("echo 'bind -b /n/n2/storage /n/n3/storage'", mount)
+    sh("echo 'bind -b /n/n2/storage /n/n3/storage' > ctl", mount)
+    assert sh("ls n/n1/storage", mount).split() == ["three", "two"]  # through n3's union
+    sh("echo 'bind -a /n/n1/node /nodeinfo' > ctl", mount)
+    # reading ctl gives the namespace as a namespace file would make it
+    mounts = "".join(f"mount {n.addr} {n.name}\n" for n in cluster)
+    assert sh("cat ctl", mount) == mounts + (
+        "bind /n/n3/storage /n/n1/storage\n"
+        "bind -b /n/n2/storage /n/n3/storage\n"
+        "bind /n/n1/node /nodeinfo\n"
+    )
+    assert sh("cat nodeinfo/name", mount) == "n1\n"
     # mount and unmount at run time
     sh(f"echo 'mount {cluster[1].addr} again' > ctl", mount)
     assert sh("ls n", mount).split() == ["again", "n1", "n2", "n3"]
@@ -350,6 +360,11 @@ def test_namespace_file_and_label(labelled: tuple[Path, list[NodeProc]]) -> None
     (n2.export / "from-n2").write_text("2\n")
     assert "from-n2" in sh("ls n/n1/storage", mp).split()
     assert sh("cat n/n1/gpunode/name n/n1/gpunode/labels", mp) == "gpu\ngpu\n"
+    # ctl reads back what the file made, without its comments
+    assert sh("cat ctl", mp) == (
+        f"mount {n1.addr} n1\nmount {n2.addr} n2\nmount {gpu.addr} gpu\n"
+        "bind -a /n/n2/storage /n/n1/storage\nbind /n/gpu/node /n/n1/gpunode\n"
+    )
     out = sh(
         """for i in 1 2 3; do
             id=$(cat jobs/clone)
