@@ -44,6 +44,7 @@ class Handle:
     flags: int = 0
     iounit: int = 0
     head: bool = False  # reading at 0 right after open has no effect: Twalkopen may do it
+    takes_views: bool = False  # write may be given a memoryview (of the frame), not bytes
 
     async def read(self, offset: int, count: int) -> bytes:
         raise NineError("EBADF", "not open for reading")

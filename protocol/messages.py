@@ -406,10 +406,14 @@ def decode(body: bytes | bytearray | memoryview) -> Msg:
     values = [_u16(header[1])]
     values.extend(check(v) for (_, check), v in zip(fields, header[2:], strict=True))
     if cls in _HAS_DATA:
-        # A big Rread keeps a view of the frame (one fresh buffer per frame, which nothing
-        # else holds): the payload goes on to FUSE uncopied. Smaller payloads, and Twrite's
-        # (which trees may decode as text), are bytes.
-        big = cls is Rread and len(rest) >= _VIEW_MIN and isinstance(body, bytearray)
+        # A big Rread or Twrite keeps a view of the frame (one fresh buffer per frame, which
+        # nothing else holds): the payload goes on to FUSE, or to pwrite, uncopied (the
+        # session copies a Twrite's for trees that want bytes). Smaller payloads are bytes.
+        big = (
+            (cls is Rread or cls is Twrite)
+            and len(rest) >= _VIEW_MIN
+            and isinstance(body, bytearray)
+        )
         values.append(rest if big else bytes(rest))
     elif len(rest):
         raise ProtocolError(f"{len(rest)} stray bytes after {cls.__name__}")

@@ -432,7 +432,10 @@ class Session:
         async def op(f: Fid) -> m.Msg:
             if (f.mode & 3) not in (m.OWRITE, m.ORDWR):
                 raise NineError("EBADF", "not open for writing")
-            return m.Rwrite(msg.tag, await f.handle.write(msg.offset, msg.data))
+            data = msg.data  # a view of its frame if big: as bytes unless the handle takes views
+            if type(data) is not bytes and not f.handle.takes_views:
+                data = bytes(data)
+            return m.Rwrite(msg.tag, await f.handle.write(msg.offset, data))
 
         return await self._with_handle(msg.fid, op)
 

@@ -389,6 +389,7 @@ class StorageHandle(Handle):
 
     flags = 0  # a real file: cacheable, with an exact size
     head = True
+    takes_views = True  # pwrite takes any buffer
 
     def __init__(self, fd: int) -> None:
         self._fd = fd

@@ -6,6 +6,7 @@ reading `wait`, `stdout` or another file that blocks until the thing has happene
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from contextlib import asynccontextmanager
@@ -138,6 +139,21 @@ async def test_run_uses_the_shell_and_close_stdin(client: Client) -> None:
         assert await read(client, jid, "wait") == "exit 0\n"
         assert await read(client, jid, "stdout") == "3\n42\n"
         await expect_error("EPIPE", client.write_file(f"/jobs/{jid}/stdin", b"late\n"))
+
+
+async def test_big_writes_to_stdin_and_storage_arrive_whole(client: Client, node: NodeProc) -> None:
+    """Writes of 64 KiB and more reach a tree as views of their frame where it takes them
+    (storage) and as bytes where it does not (stdin): both arrive byte for byte."""
+    blob = os.urandom(300_000)
+    with trio.fail_after(T):
+        jid = await start(client, "exec sha256sum")
+        await client.write_file(f"/jobs/{jid}/stdin", blob)
+        await ctl(client, jid, "close-stdin")
+        assert await read(client, jid, "wait") == "exit 0\n"
+        assert (await read(client, jid, "stdout")).split()[0] == hashlib.sha256(blob).hexdigest()
+        (node.export / "big").write_bytes(b"")
+        await client.write_file("/storage/big", blob)
+        assert (node.export / "big").read_bytes() == blob
 
 
 async def test_signal_and_kill(client: Client) -> None:
