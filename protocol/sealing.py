@@ -14,6 +14,7 @@ for secretstream, 32 for AEGIS) as the first frame after the handshake.
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
 import nacl.bindings as nb  # importing it runs sodium_init (CPU feature detection)
 import nacl.utils
@@ -86,7 +87,29 @@ class Sealer:
         return out
 
 
-class Opener:
+class _Stream:
+    """What both suites' openers share: frames in order, and any failure final."""
+
+    _broken = False
+
+    def _plain_length(self, ciphertext: bytes | bytearray | memoryview, abytes: int,
+                      most: int) -> int:  # fmt: skip
+        if self._broken:
+            raise ProtocolError("stream already failed")
+        n = len(ciphertext) - abytes
+        if n < 0 or n > most:
+            self._fail("a sealed frame of a bad length")
+        return n
+
+    def _fail(self, why: str) -> NoReturn:
+        self._broken = True  # a stream that failed never opens a frame again
+        raise ProtocolError(why)
+
+
+_ALTERED = "a sealed frame failed to open (altered, replayed or out of order)"
+
+
+class Opener(_Stream):
     """Opens incoming frame bodies in order; any failure is final for the connection."""
 
     def __init__(self, key: bytes, header: bytes) -> None:
@@ -94,19 +117,13 @@ class Opener:
             raise ProtocolError("bad stream header")
         self._state = nb.crypto_secretstream_xchacha20poly1305_state()
         nb.crypto_secretstream_xchacha20poly1305_init_pull(self._state, header, key)
-        self._broken = False
         self._tag = ffi.new("unsigned char *")
 
     def open(self, ciphertext: bytes | bytearray | memoryview) -> bytearray:
-        if self._broken:
-            raise ProtocolError("stream already failed")
         # libsodium directly, into a buffer of our own: PyNaCl's binding wants bytes in and
         # copies its output once more; the checks are libsodium's, the same either way.
         # The plaintext is a fresh bytearray that the caller owns (decode may keep views).
-        n = len(ciphertext) - ABYTES
-        if n < 0 or n > _MAX_MESSAGE:
-            self._broken = True
-            raise ProtocolError("a sealed frame of a bad length")
+        n = self._plain_length(ciphertext, ABYTES, _MAX_MESSAGE)
         plaintext = bytearray(n)
         tag = self._tag
         rc = lib.crypto_secretstream_xchacha20poly1305_pull(
@@ -114,11 +131,9 @@ class Opener:
             ffi.from_buffer(_UCHARS, ciphertext), len(ciphertext), ffi.NULL, 0,
         )  # fmt: skip
         if rc != 0:
-            self._broken = True
-            raise ProtocolError("a sealed frame failed to open (altered, replayed or out of order)")
+            self._fail(_ALTERED)
         if tag[0] != _TAG_MESSAGE:
-            self._broken = True
-            raise ProtocolError("unexpected stream tag")
+            self._fail("unexpected stream tag")
         return plaintext
 
 
@@ -183,7 +198,7 @@ class AegisSealer:
         return n + AEGIS_ABYTES
 
 
-class AegisOpener:
+class AegisOpener(_Stream):
     """Opener's interface, for the aegis256 suite: frames in order, any failure final."""
 
     def __init__(self, key: bytes, header: bytes) -> None:
@@ -191,15 +206,9 @@ class AegisOpener:
             raise ProtocolError("bad stream header")
         self._key = bytes(key)
         self._nonces = _AegisNonces(bytes(header))
-        self._broken = False
 
     def open(self, ciphertext: bytes | bytearray | memoryview) -> bytearray:
-        if self._broken:
-            raise ProtocolError("stream already failed")
-        n = len(ciphertext) - AEGIS_ABYTES
-        if n < 0 or n > _AEGIS_MAX:
-            self._broken = True
-            raise ProtocolError("a sealed frame of a bad length")
+        n = self._plain_length(ciphertext, AEGIS_ABYTES, _AEGIS_MAX)
         # A frame in a bytearray of its own (a big one, received into place) is opened where
         # it lies and handed back shortened: no second buffer for a 1 MiB Rread.
         inplace = type(ciphertext) is bytearray and n >= _INPLACE_MIN
@@ -210,8 +219,7 @@ class AegisOpener:
                 c, len(ciphertext), ffi.NULL, 0, self._nonces.next(), self._key,
             )  # fmt: skip
         if rc != 0:
-            self._broken = True
-            raise ProtocolError("a sealed frame failed to open (altered, replayed or out of order)")
+            self._fail(_ALTERED)
         if inplace:
             del plaintext[n:]  # the tag: shrinking a bytearray's end moves nothing
         return plaintext

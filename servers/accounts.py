@@ -116,13 +116,3 @@ class Policy:
         raise NineError(
             "EPERM", f"{user!r} {why} on node {self.node}, and may not {what} as root here"
         )
-
-    def local_uid(self, user: str) -> int | None:
-        """The uid of a local non-root account named ``user``, when the daemon is root."""
-        if os.geteuid() != 0:
-            return None
-        try:
-            uid = pwd.getpwnam(user).pw_uid
-        except KeyError:
-            return None
-        return uid if uid != 0 else None
