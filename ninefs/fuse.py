@@ -32,7 +32,7 @@ from ninefs.protocol.client import META_TIMEOUT, Client
 from ninefs.protocol.errors import NineError
 
 from .namespace import LocalSrc, Namespace, NodeSrc, Path_
-from .writeback import WriteBehind
+from .writeback import MOUNT_SLOTS, WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class NinefsOps(pyfuse3.Operations):
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._next_fh = 1
         self.on_init: Callable[[], None] | None = None  # runs once FUSE_INIT is answered
+        self._write_slots = trio.Semaphore(MOUNT_SLOTS)  # queued writes, all files together
 
     def init(self) -> None:
         # libfuse sends the INIT reply (which caps the kernel's readahead) after this
@@ -572,7 +573,9 @@ class NinefsOps(pyfuse3.Operations):
         # node appends wherever the write lands, so order is all there is.
         if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR) and not flags & os.O_APPEND:
             fid = of.fid
-            of.behind = WriteBehind(lambda off, data: client.write(fid, off, data), self.nursery)
+            of.behind = WriteBehind(
+                lambda off, data: client.write(fid, off, data), self.nursery, self._write_slots
+            )
             of.vnode.behind.add(of.behind)
 
     @staticmethod

@@ -29,24 +29,29 @@ from ninefs.protocol.errors import NineError
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 8 << 20  # bytes queued and not yet acknowledged, per open file
+MOUNT_SLOTS = 64  # writes queued in the whole mount (each at most FUSE's 1 MiB): 64 MiB
 
 
 class WriteBehind:
     """The queued writes of one open file. ``send(offset, data)`` writes all of ``data``
-    (the client's write, iounit pieces included) and raises NineError on failure."""
+    (the client's write, iounit pieces included) and raises NineError on failure.
+    ``slots`` is shared by every open file of the mount: however many files are being
+    written, the mount holds at most that many writes (MOUNT_SLOTS) in memory."""
 
-    def __init__(self, send: Callable[[int, bytes], Awaitable[int]], nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        send: Callable[[int, bytes], Awaitable[int]],
+        nursery: trio.Nursery,
+        slots: trio.Semaphore,
+    ) -> None:
         self._send = send
         self._nursery = nursery
+        self._slots = slots
         self._flying: dict[int, tuple[int, int]] = {}  # id -> (start, end)
         self._bytes = 0
         self._next = 0
         self._changed = trio.Event()
         self.error: NineError | None = None
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._flying)
 
     async def write(self, offset: int, data: bytes) -> int:
         """Queue ``data`` at ``offset``; returns its length, or raises the kept error."""
@@ -58,6 +63,7 @@ class WriteBehind:
         ):
             await self._wait_change()
             self._raise()
+        await self._slots.acquire()  # the mount's bound: wait for another file's write
         n, self._next = self._next, self._next + 1
         self._flying[n] = (offset, end)
         self._bytes += len(data)
@@ -88,6 +94,7 @@ class WriteBehind:
             if self.error is None:
                 self.error = NineError("EIO", f"write failed: {e}")
         finally:
+            self._slots.release()
             del self._flying[n]
             self._bytes -= len(data)
             self._changed.set()
