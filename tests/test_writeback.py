@@ -98,6 +98,7 @@ async def test_an_overlapping_write_waits_for_the_one_it_overlaps(nursery):
             await trio.testing.wait_all_tasks_blocked()
             assert node.started == [(0, 10), (100, 10)]  # the one it overlaps is not done
             node.finish(0)
+        await trio.testing.wait_all_tasks_blocked()  # the queued write's task has run
         assert node.started[-1] == (5, 10)
         node.finish(5)
         await wb.drain()
