@@ -14,6 +14,7 @@ within SIGNAL_POLL of the reader getting a signal, since FUSE_INTERRUPT never re
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 MAX_HELD_FIDS = 1024  # fids the mount keeps per inode, over all nodes (a node allows 4096)
 STORAGE_TTL = 1.0  # seconds the kernel may cache storage attributes and entries
+LISTING_TTL = STORAGE_TTL  # seconds a storage directory's listing is reused (as its attrs)
+MAX_LISTINGS = 64  # storage listings kept per node
 HEAD_BYTES = 64 << 10  # what an open for reading asks the node to send along (a small file)
 ENTRY_TTL = 1.0  # synthetic names are stable; their contents are never cached
 SIGNAL_POLL = 0.2
@@ -150,6 +153,11 @@ class NinefsOps(pyfuse3.Operations):
         self._next_fh = 1
         self.on_init: Callable[[], None] | None = None  # runs once FUSE_INIT is answered
         self._write_slots = trio.Semaphore(MOUNT_SLOTS)  # queued writes, all files together
+        # node -> storage directory -> (when it goes stale, its entries): `ls -l` again
+        # within a second lists from here. Anything this mount changes on a node, and a
+        # node's loss or return, drops that node's listings (_changed).
+        self._listings: dict[str, dict[tuple[str, ...], tuple[float, list[m.Stat]]]] = {}
+        self._list_gen: dict[str, int] = {}  # node -> changes made, to spot a racing listing
 
     def init(self) -> None:
         # libfuse sends the INIT reply (which caps the kernel's readahead) after this
@@ -181,7 +189,30 @@ class NinefsOps(pyfuse3.Operations):
                     for event in events:
                         n.start_soon(changed, event, n.cancel_scope)
 
+    def _changed(self, node: str) -> None:
+        """This mount changed something on ``node`` (called once the change is made): its
+        cached listings, and any being fetched now, may be wrong."""
+        self._listings.pop(node, None)
+        self._list_gen[node] = self._list_gen.get(node, 0) + 1
+
+    async def _list_storage(self, client: Client, node: str, path: tuple[str, ...]) -> list[m.Stat]:
+        cached = self._listings.get(node, {}).get(path)
+        now = trio.current_time()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        gen = self._list_gen.get(node, 0)
+        entries = await client.list_dir("/" + "/".join(path))
+        if self._list_gen.get(node, 0) != gen:
+            return entries  # something changed while it was listed: use it, keep it not
+        mine = self._listings.setdefault(node, {})
+        mine.pop(path, None)
+        mine[path] = (now + LISTING_TTL, entries)
+        while len(mine) > MAX_LISTINGS:
+            del mine[next(iter(mine))]  # the oldest
+        return entries
+
     async def _invalidate_node(self, node: str) -> None:
+        self._changed(node)
         inos, entries = [], []
         for v in list(self.vnodes.values()):
             if isinstance(v.src, NodeSrc) and v.src.node == node:
@@ -424,7 +455,10 @@ class NinefsOps(pyfuse3.Operations):
             return self._attrs(v)  # truncating a ctl file: the shell's O_TRUNC is harmless
         client, fid = await self._fid(v)
         if changes:
-            await client.wstat(fid, **changes)
+            try:
+                await client.wstat(fid, **changes)
+            finally:
+                self._changed(v.src.node)
         v.stat = await client.stat(fid)
         return self._attrs(v)
 
@@ -491,7 +525,10 @@ class NinefsOps(pyfuse3.Operations):
                 continue
             try:
                 client, gen = self._client(src.node)
-                entries = await client.list_dir("/" + "/".join(src.path))
+                if src.path[:1] == ("storage",):
+                    entries = await self._list_storage(client, src.node, src.path)
+                else:  # synthetic directories change by themselves: always asked
+                    entries = await client.list_dir("/" + "/".join(src.path))
             except NineError as e:
                 if not seen and e.ename != "ENOENT":
                     raise
@@ -521,7 +558,14 @@ class NinefsOps(pyfuse3.Operations):
                 src = srcs[0] if srcs else LocalSrc(path)
             # readdirplus counts a lookup for each entry it returns: give it an inode
             child = self._vnode_for(path, src, kind)
-            if stat is not None:
+            if child.behind:
+                # open for writing here, with writes queued: the listing's size is from
+                # before them, and the kernel would take it; ask once they have landed
+                with contextlib.suppress(NineError):
+                    await self._settle(child)
+                    client, fid = await self._fid(child)
+                    child.stat = await client.stat(fid)
+            elif stat is not None:
                 child.stat = stat
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), i + 1):
                 return
@@ -705,16 +749,22 @@ class NinefsOps(pyfuse3.Operations):
                 raise NineError("EINVAL", "ctl text must be UTF-8") from None
             await of.writer(text)
             return len(buf)
-        if of.behind is not None:
-            return await of.behind.write(off, bytes(buf))
-        return await client.write(of.fid, off, buf)
+        try:
+            if of.behind is not None:
+                return await of.behind.write(off, bytes(buf))
+            return await client.write(of.fid, off, buf)
+        finally:
+            self._changed(of.node)  # and again once queued writes have landed (flush)
 
     @_fuse_errors
     async def flush(self, fh):
         # every close(2): the queued writes have landed, or the close reports why not
         of = self.files.get(fh)
         if of is not None and of.behind is not None:
-            await of.behind.drain()
+            try:
+                await of.behind.drain()
+            finally:
+                self._changed(of.node)  # the sizes listed before they landed are old
 
     @_fuse_errors
     async def fsync(self, fh, datasync):
@@ -730,6 +780,7 @@ class NinefsOps(pyfuse3.Operations):
         if of is not None and of.behind is not None:
             await of.behind.settle()  # every close flushed; this is for the clunk's sake
             of.vnode.behind.discard(of.behind)
+            self._changed(of.node)
             if of.behind.error is not None:
                 log.warning("/%s: a queued write failed: %s", "/".join(of.vnode.path),
                             of.behind.error)  # fmt: skip
@@ -762,6 +813,8 @@ class NinefsOps(pyfuse3.Operations):
         except BaseException:
             client.clunk_later(fid)
             raise
+        finally:
+            self._changed(parent.src.node)
         path = (*parent.path, name)
         v = self._vnode_for(path, NodeSrc(parent.src.node, (*parent.src.path, name)), "file")
         v.stat = await client.stat(fid)
@@ -783,6 +836,7 @@ class NinefsOps(pyfuse3.Operations):
             await client.create(fid, name, m.DMDIR | (mode & 0o7777), m.OREAD)
         finally:
             client.clunk_later(fid)
+            self._changed(parent.src.node)
         return self._attrs(await self._entry(parent, name))
 
     async def _remove(self, parent_inode: int, name: bytes) -> None:
@@ -792,7 +846,10 @@ class NinefsOps(pyfuse3.Operations):
         client, fid = await self._fid(v)
         self._held.pop(v.ino, None)
         v.fid, v.gen = None, -1  # Tremove clunks it, whatever the outcome
-        await client.remove(fid)
+        try:
+            await client.remove(fid)
+        finally:
+            self._changed(parent.src.node)
         if self.by_path.get(path) is v:
             del self.by_path[path]
 
@@ -825,7 +882,10 @@ class NinefsOps(pyfuse3.Operations):
                 raise NineError("EEXIST", f"{new_name} exists")
         client, fid = await self._fid(v)
         _, dfid = await self._fid(new_parent)
-        await client.rename(fid, dfid, new_name)
+        try:
+            await client.rename(fid, dfid, new_name)
+        finally:
+            self._changed(v.src.node)
         # the kernel moves its dentry; move ours, and everything below it
         new_path = (*new_parent.path, new_name)
         new_src_path = (*new_parent.src.path, new_name)
@@ -851,7 +911,10 @@ class NinefsOps(pyfuse3.Operations):
         parent = self._node_dir(parent_inode)
         name = os.fsdecode(name)
         client, fid = await self._fid(parent)
-        await client.symlink(fid, name, os.fsdecode(target))
+        try:
+            await client.symlink(fid, name, os.fsdecode(target))
+        finally:
+            self._changed(parent.src.node)
         return self._attrs(await self._entry(parent, name))
 
     async def link(self, inode, new_parent_inode, new_name, ctx):

@@ -676,3 +676,39 @@ print("ok")
     assert len(disk) == (8 << 20) + 4 and disk.endswith(b"tail")
     assert disk[: 3 << 20].count(b"\0") == 0 and disk[3 << 20 : 8 << 20] == bytes(5 << 20)
     assert sh("stat -c %s n/n1/storage/q", mount) == f"{(8 << 20) + 4}\n"
+
+
+def test_a_cached_listing_never_hides_this_mounts_own_changes(mount: Path) -> None:
+    """A storage directory's listing is reused for a second (`ls -l` twice lists once), but
+    whatever the mount itself changes there shows in the very next listing."""
+    d = "n/n1/storage/d"
+
+    def ls() -> list[tuple[str, str]]:
+        lines = sh(f"ls -l {d}", mount).splitlines()[1:]  # past "total N"
+        return [(ln.split()[8], ln.split()[4]) for ln in lines]  # name, size
+
+    sh(f"mkdir {d}", mount)
+    assert ls() == []
+    sh(f"echo hi > {d}/a", mount)
+    assert ls() == [("a", "3")]
+    sh(f"printf 12345 >> {d}/a", mount)
+    assert ls() == [("a", "8")]
+    sh(f"mkdir {d}/sub && ln -s a {d}/link", mount)
+    assert [name for name, _ in ls()] == ["a", "link", "sub"]
+    sh(f"mv {d}/a {d}/b", mount)
+    assert [name for name, _ in ls()] == ["b", "link", "sub"]
+    sh(f": > {d}/b", mount)
+    assert ("b", "0") in ls()
+    sh(f"truncate -s 4096 {d}/b", mount)
+    assert ("b", "4096") in ls()
+    sh(f"rm {d}/b {d}/link && rmdir {d}/sub", mount)
+    assert ls() == []
+    # a writer's file, listed while it is still open, never shows a size from before
+    prog = (f"import os\nfd = os.open('{d}/w', os.O_WRONLY | os.O_CREAT, 0o644)\n"
+            "os.write(fd, b'x' * (3 << 20))\nprint(os.popen('ls -l " + d + "').read())\n"
+            "os.close(fd)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", prog], cwd=mount, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert str(3 << 20) in out.stdout, out.stdout
+    assert ls() == [("w", str(3 << 20))]
