@@ -53,11 +53,19 @@ def write_private(path: Path, key: nacl.signing.SigningKey) -> None:
 
 def load_private(path: Path) -> nacl.signing.SigningKey:
     try:
-        text = path.read_text().strip()
+        with open(path) as f:
+            mode = os.fstat(f.fileno()).st_mode & 0o777
+            text = f.read().strip()
     except FileNotFoundError:
         raise KeyError_(f"no key at {path}: run `ninefs keygen` first") from None
     except OSError as e:
         raise KeyError_(f"cannot read key {path}: {e.strerror}") from None
+    if mode & 0o077:
+        # as ssh: a key others can read is no longer only ours, and is refused, not used
+        raise KeyError_(
+            f"{path} is open to others (mode {mode:04o}): run `chmod 600 {path}`, and if "
+            "others may have read it, make a new key"
+        )
     try:
         seed = base64.b64decode(text, validate=True)
         return nacl.signing.SigningKey(seed)
@@ -195,6 +203,7 @@ class AuthorizedUsers:
         self.path = path
         self._stamp: tuple[int, ...] | None = None
         self._grants: dict[bytes, Grant] = {}
+        self.problem = ""  # why the file grants nothing, when it is unsafe
 
     def _refresh(self) -> None:
         try:
@@ -204,8 +213,14 @@ class AuthorizedUsers:
             return
         # The inode and ctime too: `revoke` replaces the file, and an edit within one
         # coarse mtime tick that keeps the size must still be seen.
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_mode, st.st_uid)
         if stamp == self._stamp:
+            return
+        self.problem = self.unsafe(st)
+        if self.problem:
+            # as sshd's StrictModes: a file others may edit grants nothing (fail closed)
+            log.error("%s: %s; no key is admitted until it is fixed", self.path, self.problem)
+            self._stamp, self._grants = stamp, {}
             return
         grants: dict[bytes, Grant] = {}
         for n, line in enumerate(self.path.read_text().splitlines(), 1):
@@ -218,6 +233,15 @@ class AuthorizedUsers:
             except KeyError_ as e:
                 log.warning("%s:%d: %s", self.path, n, e)
         self._stamp, self._grants = stamp, grants
+
+    @staticmethod
+    def unsafe(st: os.stat_result) -> str:
+        """Why a file with this stat may not grant access ('' if it may)."""
+        if st.st_uid not in (0, os.geteuid()):
+            return f"owned by uid {st.st_uid}, not by this node's user or root"
+        if st.st_mode & 0o022:
+            return f"writable by others (mode {st.st_mode & 0o777:04o}): run chmod go-w"
+        return ""
 
     def lookup(self, key: bytes) -> Grant | None:
         self._refresh()

@@ -100,6 +100,8 @@ class NodeDaemon:
     def _check(self, key: bytes, user: str, peer: str | None) -> tuple[Grant | None, str]:
         grant = self.users.lookup(key)
         if grant is None:
+            if self.users.problem:
+                return None, f"{self.users.path} is {self.users.problem}"
             return None, f"key {fingerprint(key)} is not in {self.users.path}"
         if grant.user != user:
             return None, f"key {fingerprint(key)} may not act as {user!r} (only {grant.user!r})"

@@ -389,3 +389,35 @@ def test_acting_switches_only_this_thread_and_always_back(account):
     assert seen == {"inside": (account.pw_uid, account.pw_gid), "other": me}
     assert fs_ids() == me
     open("/etc/shadow").close()  # and back
+
+
+# -- files that others may read or change ---------------------------------------------------
+
+
+async def test_a_key_others_can_read_is_refused_with_the_fix(tmp_path, started, identity):
+    node = started(identity)
+    key = identity.home / "key"
+    key.chmod(0o644)
+    with trio.fail_after(T):
+        r = await trio.run_process(
+            [sys.executable, "-m", "ninefs", "cat", node.addr, "/node/name"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+    assert r.returncode != 0 and r.stdout == b""
+    assert f"chmod 600 {key}" in r.stderr.decode() and "0644" in r.stderr.decode()
+    key.chmod(0o600)
+    assert await cli("cat", node.addr, "/node/name") == "n1\n"
+
+
+async def test_an_authorized_users_file_others_may_write_grants_nothing(started, identity):
+    node = started(identity)
+    users = node.state / "authorized_users"
+    with trio.fail_after(T):
+        async with connect(node.addr, identity.key, identity.user, known(identity)) as c:
+            await still_serving(c)
+        users.chmod(0o666)
+        assert "access denied" in await refused(node, identity)
+        await wait_for_log(node, "writable by others (mode 0666)")
+        users.chmod(0o644)  # fixed: admitted again, no restart
+        async with connect(node.addr, identity.key, identity.user, known(identity)) as c:
+            await still_serving(c)
