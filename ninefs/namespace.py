@@ -96,6 +96,9 @@ class Namespace:
         self.nodes: dict[str, NodeConn] = {}
         self.table: dict[Path_, list[Src]] = {(): [LocalSrc(())]}
         self.jobs: dict[str, ClusterJob] = {}
+        # node -> ids of jobs there that were started again elsewhere while it was away:
+        # removed (killed) once it is back, so a job never runs twice for long
+        self._superseded: dict[str, set[str]] = {}
         self._placed: dict[str, int] = {}  # jobs placed per node since its facts were read
         self._nursery: trio.Nursery | None = None
         self.ctl_table = {
@@ -435,6 +438,8 @@ class Namespace:
                 await oc.write_file(f"/jobs/{old_rid}/ctl", b"rm\n")
             except NineError:
                 pass
+        elif old is not None:  # cut off, perhaps still running it: remove it on return
+            self._superseded.setdefault(old_node, set()).add(old_rid)
         self.jobs[f"{conn.name}.{rid}"] = job
         log.info("job %s moved from %s.%s to %s.%s", job.id, old_node, old_rid, conn.name, rid)
 
@@ -456,11 +461,35 @@ class Namespace:
             job.history.append(f"restart failed {was} at {time.strftime('%H:%M:%S')} "
                                f"({why}): {e.message}")  # fmt: skip
 
+    async def _remove_superseded(self) -> None:
+        """On a node that is back, remove the jobs that ran again elsewhere meanwhile (a
+        node that was only cut off kept running them)."""
+        for node, rids in list(self._superseded.items()):
+            conn = self.nodes.get(node)
+            if conn is None:
+                del self._superseded[node]  # unmounted: nothing more to do there
+                continue
+            if conn.state != "up":
+                continue
+            for rid in sorted(rids):
+                try:
+                    client, _ = conn.get()
+                    await client.write_file(f"/jobs/{rid}/ctl", b"rm\n")
+                except NineError as e:
+                    if e.ename != "ENOENT":
+                        continue  # try again next time
+                rids.discard(rid)
+                log.info("removed %s.%s, which ran again elsewhere while %s was away",
+                         node, rid, node)  # fmt: skip
+            if not rids:
+                del self._superseded[node]
+
     async def _track_restartable(self) -> None:
         """Every RESTART_TRACK seconds, read the state of each started `restart on-failure`
         job whose node is up: one seen ended is not started again when its node goes down."""
         while True:
             await trio.sleep(RESTART_TRACK)
+            await self._remove_superseded()
             for job in {id(j): j for j in self.jobs.values()}.values():
                 conn = self.nodes.get(job.node)
                 if not (job.restart and job.started and not job.ended) or conn is None:

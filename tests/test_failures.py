@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from ninefs.protocol.client import DATA_TIMEOUT, META_TIMEOUT
@@ -473,6 +474,33 @@ def test_clone_placement_and_restart_on_failure(cluster: list[NodeProc], mount: 
     assert in_thread(lambda: read_file(mount / "jobs" / jid / "wait"), 15) == b"exit 0\n"
     out = in_thread(lambda: read_file(mount / "jobs" / jid / "stdout"), 5)
     assert out == b"start\nfinished\n", out
+
+
+def test_a_job_restarted_elsewhere_is_removed_from_its_node_when_it_returns(
+    cluster: list[NodeProc], mount: Path
+) -> None:
+    """A node that was only hung (or cut off) kept running the job that `restart on-failure`
+    started again elsewhere; once it is back, the mount removes that old copy."""
+    jid = in_thread(lambda: read_file(mount / "jobs/clone"), 10).decode().strip()
+    ctl_path = mount / "jobs" / jid / "ctl"
+    in_thread(lambda: ctl(ctl_path, "restart on-failure\nrun sleep 120\n"), 5)
+    node, rid = jid.split(".")
+    old_ctl = mount / "n" / node / "jobs" / rid / "ctl"
+    pid = int(in_thread(lambda: read_file(old_ctl), 5).split()[2])
+    victim = by_name(cluster, node)
+    victim.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: states(mount)[node] == "down", DOWN_WITHIN, f"{node} down")
+        wait_until(lambda: b"restarted 1 " in read_file(ctl_path), 8, "restarted elsewhere")
+        assert psutil.pid_exists(pid)  # the old copy still runs on the stopped node
+    finally:
+        victim.signal(signal.SIGCONT)
+    wait_until(lambda: usable(mount, node), BACK_WITHIN, f"{node} usable again")
+    # within a few RESTART_TRACK rounds the old copy is gone, and the new one runs on
+    wait_until(lambda: rid not in os.listdir(mount / "n" / node / "jobs"), 10, "old copy removed")
+    wait_until(lambda: not psutil.pid_exists(pid), 5, "old copy's process ended")
+    now = in_thread(lambda: read_file(ctl_path), 5).decode().split()
+    assert now[1] == "running" and now[0] != jid, now
 
 
 # -- a node cut off by the network ---------------------------------------------------------------
