@@ -20,7 +20,7 @@ from .errors import NineError, ProtocolError, collapse_groups
 from .framing import LEN_SIZE
 from .keys import KnownNodes
 from .sealing import MAX_ABYTES
-from .transport import Channel, ConnectionClosed, dial
+from .transport import Channel, ConnectionClosed, dial, take
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,7 @@ class Client:
         if the node does not answer within FLUSH_TIMEOUT."""
         if self.closed.is_set():
             raise self._lost()
-        if self._tags.value:  # a tag is free: no trip through the scheduler to take it
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._tags.acquire_nowait()
-        else:
-            await self._tags.acquire()
+        await take(self._tags)
         tag = self._free_tags.pop()
         slot = self._pending[tag] = _Slot()
         msg.tag = tag

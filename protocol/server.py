@@ -20,7 +20,7 @@ from .errors import NineError, ProtocolError, collapse_groups
 from .framing import LEN_SIZE
 from .fs import File, Handle, Principal, Tree
 from .sealing import MAX_ABYTES
-from .transport import Channel, ConnectionClosed
+from .transport import Channel, ConnectionClosed, take
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,6 @@ class _Request:
         self.scope = scope
         self.done = done
         self.replying = False  # the reply is being sent: the client may already reuse the tag
-
-
-async def _take(sem: trio.Semaphore) -> None:
-    """``sem.acquire()`` without a trip through the scheduler when a unit is free (a
-    pending cancellation is still taken, as acquire would)."""
-    if sem.value:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        sem.acquire_nowait()
-    else:
-        await sem.acquire()
 
 
 def _clip(text: str) -> str:
@@ -153,10 +143,10 @@ class Session:
             if (old is not None and not old.replying) or msg.tag == m.NOTAG:
                 raise ProtocolError(f"tag {msg.tag} is already in use")
             if isinstance(msg, m.Tflush):
-                await _take(self._flushes)  # bounded: stop reading when too many wait
+                await take(self._flushes)  # bounded: stop reading when too many wait
                 nursery.start_soon(self._flush, msg)
                 continue
-            await _take(self._admitted)  # backpressure: stop reading when too much is queued
+            await take(self._admitted)  # backpressure: stop reading when too much is queued
             req = _Request(trio.CancelScope(), trio.Event())
             self.requests[msg.tag] = req
             nursery.start_soon(self._run, msg, req)
@@ -166,7 +156,7 @@ class Session:
             reply: m.Msg | bytes | Prepared | None = None
             try:
                 with req.scope:
-                    await _take(self._slots)  # a Tflush may cancel the wait for a slot too
+                    await take(self._slots)  # a Tflush may cancel the wait for a slot too
                     try:
                         reply = await self._handlers[type(msg)](msg)
                     finally:

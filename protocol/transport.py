@@ -35,6 +35,16 @@ FRAME_TIMEOUT = 60.0  # seconds from a frame's first byte to its last, once the 
 DEFAULT_PORT = 5640
 
 
+async def take(sem: trio.Semaphore) -> None:
+    """``sem.acquire()`` without a trip through the scheduler when a unit is free (a
+    pending cancellation is still taken, as acquire would)."""
+    if sem.value:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sem.acquire_nowait()
+    else:
+        await sem.acquire()
+
+
 class ConnectionClosed(Exception):
     """The peer closed the connection or it broke."""
 

@@ -42,10 +42,6 @@ class Account:
     def of(cls, pw: pwd.struct_passwd) -> Account:
         return cls(pw, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)))
 
-    @property
-    def name(self) -> str:
-        return self.pw.pw_name
-
     @contextlib.contextmanager
     def acting(self) -> Iterator[None]:
         """Run the enclosed system calls, on this thread only, with this account's

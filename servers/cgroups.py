@@ -179,11 +179,8 @@ def discard(node: str, state: Path) -> None:
     """Kill and remove whatever a node that is gone left in its cgroups (a daemon killed
     with SIGKILL cannot; its successor would, and tests that start none call this).
     ``state``: the node's job directory, as given to its JobTable."""
-    bases = {
-        c: (_base(own, node, state), limit)
-        for c, (own, limit) in _own_dirs().items()
-        if _base(own, node, state).is_dir()
-    }
+    bases = {c: (_base(own, node, state), limit) for c, (own, limit) in _own_dirs().items()}
+    bases = {c: (b, limit) for c, (b, limit) in bases.items() if b.is_dir()}
     groups = JobGroups(bases)
     deadline = time.monotonic() + 5
     while any(b.is_dir() for b, _ in bases.values()) and time.monotonic() < deadline:

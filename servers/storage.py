@@ -22,8 +22,9 @@ Every call that the kernel checks against a file's owner and mode (a walk's look
 create, chmod, truncate, utime, unlink, rename, a listing's stats) runs with the filesystem
 credentials of the account the node acts as for the user (servers/accounts.py), so a user
 reaches exactly what that account could; calls on an open descriptor need no check. The
-session has already refused changes to keys that may only read. Data calls (read, write, fsync, truncate, listing a directory) run in
-threads so one slow disk holds up no other client; small metadata calls stay on the loop.
+session has already refused changes to keys that may only read. Data calls (read, write,
+fsync, truncate, listing a directory) run in threads so one slow disk holds up no other
+client; small metadata calls stay on the loop.
 """
 
 from __future__ import annotations
