@@ -3,7 +3,8 @@ each of them, and open-read-close of each (100 bytes), through the mount, sshfs 
 directory, and locally.
 
 Cold: `sync; echo 3 > /proc/sys/vm/drop_caches` first (the kernel forgets every dentry and
-inode, FUSE ones included), and sshfs is mounted again so its own caches are empty too.
+inode, FUSE ones included), and ninefs and sshfs are mounted again so that their own caches
+(ninefs's listings, sshfs's attributes and directories) are empty too.
 Warm: the same command again at once. stat and open-read-close run in one Python process
 (timed inside it, so interpreter start-up is not counted) and are cold.
 """
@@ -67,6 +68,8 @@ def run(quick: bool = False) -> int:
         def cold(kind: str) -> None:
             if kind == "sshfs":
                 rig.sshfs_remount(r.export, r.sshfs_mnt)
+            elif kind == "ninefs":
+                r.remount()
             rig.drop_caches()
 
         for _ in range(reps):

@@ -107,16 +107,17 @@ class Rig:
     mnt: Path = field(default_factory=Path)
     sshfs_mnt: Path | None = None
     mount_seconds: float = 0.0
+    ns: Path = field(default_factory=Path)  # the namespace file the mount starts from
 
     def __enter__(self) -> Rig:
         self.base = Path(tempfile.mkdtemp(prefix="ninefs-bench-"))
         try:
             self.who = make_identity(self.base / "home")
             self.procs = start_nodes(self.base, self.who, [f"n{i + 1}" for i in range(self.nodes)])
-            ns = write_namespace(self.base / "namespace", self.procs)
+            self.ns = write_namespace(self.base / "namespace", self.procs)
             self.mnt = self.base / "mnt"
             t = time.perf_counter()
-            self.mount = MountProc(self.mnt, ns, self.who.home).start()
+            self.mount = MountProc(self.mnt, self.ns, self.who.home).start()
             self.mount_seconds = time.perf_counter() - t
             if self.sshfs:
                 self.sshfs_mnt = self.base / "sshfs"
@@ -128,6 +129,13 @@ class Rig:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def remount(self) -> None:
+        """Stop the mount and start it again: its own caches start empty (as sshfs_remount)."""
+        if self.mount is not None:
+            self.mount.stop()
+            self.mount = None
+        self.mount = MountProc(self.mnt, self.ns, self.who.home).start()
 
     def close(self) -> None:
         if self.sshfs_mnt is not None:

@@ -41,6 +41,12 @@ MAX_HELD_FIDS = 1024  # fids the mount keeps per inode, over all nodes (a node a
 STORAGE_TTL = 1.0  # seconds the kernel may cache storage attributes and entries
 LISTING_TTL = STORAGE_TTL  # seconds a storage directory's listing is reused (as its attrs)
 MAX_LISTINGS = 64  # storage listings kept per node
+# Statahead (as Lustre's): a storage directory in which lookups keep missing is listed once,
+# and its listing answers the lookups after (stat of every file, open-read-close of many).
+STATAHEAD_AFTER = 8  # misses within LISTING_TTL that start it
+STATAHEAD_PER_ENTRY = 64  # ... and at least one per this many entries the last listing had
+STATAHEAD_MAX_DIR = 1 << 20  # a directory bigger than this (st_size) is never listed for it
+MAX_STATAHEAD_DIRS = 256  # directories whose misses are counted
 HEAD_BYTES = 64 << 10  # what an open for reading asks the node to send along (a small file)
 ENTRY_TTL = 1.0  # synthetic names are stable; their contents are never cached
 SIGNAL_POLL = 0.2
@@ -60,12 +66,27 @@ class Vnode:
     fid: int | None = None
     gen: int = -1  # the connection generation the fid belongs to
     stat: m.Stat | None = None
+    stat_until: float = 0.0  # trio time after which a storage stat may no longer be cached
     version: int | None = None  # qid.version when last opened (for keep_cache)
     behind: set[WriteBehind] = field(default_factory=set)  # of its handles open for writing
 
     @property
     def storage(self) -> bool:
         return isinstance(self.src, NodeSrc) and self.src.path[:1] == ("storage",)
+
+
+@dataclass(eq=False)
+class Listing:
+    """A storage directory's entries as listed, reused until ``until`` (trio time)."""
+
+    until: float
+    entries: list[m.Stat]
+    _by_name: dict[str, m.Stat] | None = None
+
+    def get(self, name: str) -> m.Stat | None:
+        if self._by_name is None:
+            self._by_name = {s.name: s for s in self.entries}
+        return self._by_name.get(name)
 
 
 @dataclass(eq=False)
@@ -83,7 +104,8 @@ class OpenFile:
     head_all: bool = False  # head is the whole file (it came up short)
     behind: WriteBehind | None = None  # a storage file open for writing: its queued writes
     # a directory's listing: name, place (None: resolve it when listed), kind, node's stat
-    entries: list[tuple[str, NodeSrc | LocalSrc | None, str, m.Stat | None]] = field(
+    # and until when that stat may be cached
+    entries: list[tuple[str, NodeSrc | LocalSrc | None, str, m.Stat | None, float]] = field(
         default_factory=list
     )
 
@@ -156,8 +178,13 @@ class NinefsOps(pyfuse3.Operations):
         # node -> storage directory -> (when it goes stale, its entries): `ls -l` again
         # within a second lists from here. Anything this mount changes on a node, and a
         # node's loss or return, drops that node's listings (_changed).
-        self._listings: dict[str, dict[tuple[str, ...], tuple[float, list[m.Stat]]]] = {}
+        self._listings: dict[str, dict[tuple[str, ...], Listing]] = {}
         self._list_gen: dict[str, int] = {}  # node -> changes made, to spot a racing listing
+        self._listing_now: dict[tuple[str, tuple[str, ...]], trio.Event] = {}  # being fetched
+        # (node, storage directory) -> (misses, time of the last, entries last listed)
+        self._misses: OrderedDict[tuple[str, tuple[str, ...]], tuple[int, float, int]] = (
+            OrderedDict()
+        )
 
     def init(self) -> None:
         # libfuse sends the INIT reply (which caps the kernel's readahead) after this
@@ -195,21 +222,96 @@ class NinefsOps(pyfuse3.Operations):
         self._listings.pop(node, None)
         self._list_gen[node] = self._list_gen.get(node, 0) + 1
 
-    async def _list_storage(self, client: Client, node: str, path: tuple[str, ...]) -> list[m.Stat]:
+    def _listing(self, node: str, path: tuple[str, ...]) -> Listing | None:
+        """The storage directory's listing, if one fresh enough is kept."""
         cached = self._listings.get(node, {}).get(path)
-        now = trio.current_time()
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        gen = self._list_gen.get(node, 0)
-        entries = await client.list_dir("/" + "/".join(path))
+        return cached if cached is not None and cached.until > trio.current_time() else None
+
+    async def _list_storage(self, client: Client, node: str, path: tuple[str, ...]) -> Listing:
+        key = (node, path)
+        while True:
+            cached = self._listing(node, path)
+            if cached is not None:
+                return cached
+            fetching = self._listing_now.get(key)
+            if fetching is None:
+                break
+            await fetching.wait()  # one listing at a time per directory: share it
+        self._listing_now[key] = done = trio.Event()
+        try:
+            gen = self._list_gen.get(node, 0)
+            now = trio.current_time()
+            listing = Listing(now + LISTING_TTL, await client.list_dir("/" + "/".join(path)))
+        finally:
+            del self._listing_now[key]
+            done.set()
         if self._list_gen.get(node, 0) != gen:
-            return entries  # something changed while it was listed: use it, keep it not
+            listing.until = now  # something changed while it was listed: use it, keep it not
+            return listing
         mine = self._listings.setdefault(node, {})
         mine.pop(path, None)
-        mine[path] = (now + LISTING_TTL, entries)
+        mine[path] = listing
         while len(mine) > MAX_LISTINGS:
             del mine[next(iter(mine))]  # the oldest
-        return entries
+        return listing
+
+    def _statahead_due(self, node: str, path: tuple[str, ...], parent: Vnode | None) -> bool:
+        """Count a lookup that missed in a storage directory; True when listing it would
+        cost less than the misses it is seeing (the listing's size bounds both)."""
+        key, now = (node, path), trio.current_time()
+        misses, last, size = self._misses.pop(key, (0, 0.0, 0))
+        if now - last > LISTING_TTL:
+            misses = 0
+        misses += 1
+        due = (
+            misses >= max(STATAHEAD_AFTER, size // STATAHEAD_PER_ENTRY)
+            and parent is not None
+            and parent.src == NodeSrc(node, path)
+            and parent.stat is not None
+            and parent.stat.size <= STATAHEAD_MAX_DIR
+        )
+        self._misses[key] = (0 if due else misses, now, size)
+        while len(self._misses) > MAX_STATAHEAD_DIRS:
+            self._misses.popitem(last=False)
+        return due
+
+    async def _from_listing(
+        self, client: Client, path: Path_, src: NodeSrc
+    ) -> tuple[m.Stat, float] | None:
+        """What a storage directory's listing says of ``src`` (and until when), when one is
+        kept or statahead lists it now; None: ask the node (a name not listed is asked too:
+        it may be new)."""
+        if src.path[:1] != ("storage",) or len(src.path) < 2:
+            return None
+        where = src.path[:-1]
+        listing = self._listing(src.node, where)
+        if listing is None:
+            if not self._statahead_due(src.node, where, self.by_path.get(path[:-1])):
+                return None
+            listing = await self._list_storage(client, src.node, where)
+            n = self._misses.get((src.node, where))
+            if n is not None:
+                self._misses[(src.node, where)] = (n[0], n[1], len(listing.entries))
+        s = listing.get(src.path[-1])
+        return None if s is None else (s, listing.until)
+
+    def _set_stat(self, v: Vnode, s: m.Stat, until: float | None = None) -> None:
+        """``v``'s stat as the node gave it; ``until``: when it goes stale (fresh now if
+        not given)."""
+        v.stat = s
+        v.stat_until = trio.current_time() + STORAGE_TTL if until is None else until
+
+    async def _refresh(self, v: Vnode) -> None:
+        """Ask the node for ``v``'s stat (one round trip with or without a held fid)."""
+        assert isinstance(v.src, NodeSrc)
+        client, gen = self._client(v.src.node)
+        if v.fid is not None and v.gen == gen:
+            self._held.move_to_end(v.ino)
+            self._set_stat(v, await client.stat(v.fid))
+            return
+        fid, _, s = await client.walk_stat(self.ns.nodes[v.src.node].root, v.src.path)
+        self._keep_fid(v, fid, gen)
+        self._set_stat(v, s)
 
     async def _invalidate_node(self, node: str) -> None:
         self._changed(node)
@@ -346,7 +448,9 @@ class NinefsOps(pyfuse3.Operations):
         a.st_blocks = (s.size + 511) // 512
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = s.atime, s.mtime, s.ctime
         if v.storage:
-            a.entry_timeout = a.attr_timeout = STORAGE_TTL
+            # never cached past STORAGE_TTL from when the node said it (a listing's age counts)
+            ttl = min(STORAGE_TTL, v.stat_until - trio.current_time())
+            a.entry_timeout = a.attr_timeout = max(ttl, 0.0)
         else:
             # A synthetic file's attributes are fixed too (size 0, read with direct I/O to
             # EOF), so the stat that cat's fstat asks for need not cross the network.
@@ -357,8 +461,9 @@ class NinefsOps(pyfuse3.Operations):
     def _kind(s: m.Stat) -> str:
         return "dir" if s.mode & m.DMDIR else "link" if s.mode & m.DMSYMLINK else "file"
 
-    async def _resolve(self, path: Path_) -> Vnode:
-        """Find the first place in the union at ``path`` that has the file."""
+    async def _resolve(self, path: Path_, listed: bool = True) -> Vnode:
+        """Find the first place in the union at ``path`` that has the file. ``listed``: a
+        storage directory's listing may answer (see _from_listing)."""
         err: NineError | None = None
         for src in self.ns.resolve(path):
             if isinstance(src, LocalSrc):
@@ -373,6 +478,12 @@ class NinefsOps(pyfuse3.Operations):
             try:
                 conn = self.ns.nodes.get(src.node)
                 client, gen = self._client(src.node)
+                hit = await self._from_listing(client, path, src) if listed else None
+                if hit is not None:
+                    # no fid yet: what needs one walks then (an open walks anyway)
+                    v = self._vnode_for(path, src, self._kind(hit[0]))
+                    self._set_stat(v, *hit)
+                    return v
                 fid, _, s = await client.walk_stat(conn.root, src.path)
             except NineError as e:
                 if err is None or err.ename == "ENOENT":
@@ -380,7 +491,7 @@ class NinefsOps(pyfuse3.Operations):
                 continue
             v = self._vnode_for(path, src, self._kind(s))
             self._keep_fid(v, fid, gen)
-            v.stat = s
+            self._set_stat(v, s)
             return v
         raise err or NineError("ENOENT", "/".join(path))
 
@@ -396,9 +507,11 @@ class NinefsOps(pyfuse3.Operations):
             v = self.by_path.get(parent.path[:-1]) or parent
         else:
             known = self.by_path.get((*parent.path, name))
-            if known is not None:
+            busy = known is not None and bool(known.behind)
+            if busy:
                 await self._settle(known)  # as getattr: the size must not step back
-            v = await self._resolve((*parent.path, name))
+            # and a listing may be from before those writes landed: ask the node
+            v = await self._resolve((*parent.path, name), listed=not busy)
         v.nlookup += 1
         return self._attrs(v)
 
@@ -420,7 +533,7 @@ class NinefsOps(pyfuse3.Operations):
         await self._settle(v)  # the size the kernel is told must not step back
         if isinstance(v.src, NodeSrc):
             try:
-                client, fid = await self._fid(v)
+                await self._refresh(v)
             except NineError as e:
                 # the kernel asks for attributes before reading through an open handle:
                 # one opened on a connection that broke gets EIO, as its reads do
@@ -429,7 +542,6 @@ class NinefsOps(pyfuse3.Operations):
                 ):
                     raise NineError("EIO", f"the connection to {v.src.node} is gone") from None
                 raise
-            v.stat = await client.stat(fid)
         return self._attrs(v)
 
     @_fuse_errors
@@ -459,7 +571,7 @@ class NinefsOps(pyfuse3.Operations):
                 await client.wstat(fid, **changes)
             finally:
                 self._changed(v.src.node)
-        v.stat = await client.stat(fid)
+        self._set_stat(v, await client.stat(fid))
         return self._attrs(v)
 
     @_fuse_errors
@@ -510,23 +622,25 @@ class NinefsOps(pyfuse3.Operations):
     @_fuse_errors
     async def opendir(self, inode, ctx):
         v = self._vnode(inode)
-        # name -> (place or None, kind, stat); inodes are made only for the names that
-        # readdir hands to the kernel (each of those counts as a lookup)
-        seen: dict[str, tuple[NodeSrc | LocalSrc | None, str, m.Stat | None]] = {}
+        # name -> (place or None, kind, stat, until); inodes are made only for the names
+        # that readdir hands to the kernel (each of those counts as a lookup)
+        seen: dict[str, tuple[NodeSrc | LocalSrc | None, str, m.Stat | None, float]] = {}
         for name in self.ns.mount_points(v.path):
-            seen.setdefault(name, (None, "dir", None))
+            seen.setdefault(name, (None, "dir", None, 0.0))
         found = bool(seen)
         for src in self.ns.resolve(v.path):
             if isinstance(src, LocalSrc):
                 if self.ns.local_kind(src.path) == "dir" or src.path in self.ns.table:
                     found = True
                 for name, kind in await self._list_local(v, src):
-                    seen.setdefault(name, (None, kind, None))
+                    seen.setdefault(name, (None, kind, None, 0.0))
                 continue
             try:
                 client, gen = self._client(src.node)
+                until = trio.current_time() + STORAGE_TTL
                 if src.path[:1] == ("storage",):
-                    entries = await self._list_storage(client, src.node, src.path)
+                    listing = await self._list_storage(client, src.node, src.path)
+                    entries, until = listing.entries, listing.until
                 else:  # synthetic directories change by themselves: always asked
                     entries = await client.list_dir("/" + "/".join(src.path))
             except NineError as e:
@@ -535,18 +649,19 @@ class NinefsOps(pyfuse3.Operations):
                 continue
             found = True
             for s in entries:
-                seen.setdefault(s.name, (NodeSrc(src.node, (*src.path, s.name)), self._kind(s), s))
+                place = NodeSrc(src.node, (*src.path, s.name))
+                seen.setdefault(s.name, (place, self._kind(s), s, until))
         if not found:  # e.g. /n/NAME after `unmount NAME`, through a name the kernel kept
             raise NineError("ENOENT", "/".join(v.path) + ": nothing is there now")
         of = OpenFile(v, ctx.pid)
-        dots = [(".", None, "dot", None), ("..", None, "dot", None)]
+        dots = [(".", None, "dot", None, 0.0), ("..", None, "dot", None, 0.0)]
         of.entries = [*dots, *((name, *e) for name, e in seen.items() if name not in (".", ".."))]
         return self._new_fh(of)
 
     async def readdir(self, fh, start_id, token):
         of = self.files[fh]
         for i in range(start_id, len(of.entries)):
-            name, src, kind, stat = of.entries[i]
+            name, src, kind, stat, until = of.entries[i]
             if kind == "dot":  # the kernel takes no lookup for . and ..: count none
                 d = of.vnode if name == "." else self.by_path.get(of.vnode.path[:-1], of.vnode)
                 if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(d), i + 1):
@@ -563,10 +678,9 @@ class NinefsOps(pyfuse3.Operations):
                 # before them, and the kernel would take it; ask once they have landed
                 with contextlib.suppress(NineError):
                     await self._settle(child)
-                    client, fid = await self._fid(child)
-                    child.stat = await client.stat(fid)
+                    await self._refresh(child)
             elif stat is not None:
-                child.stat = stat
+                self._set_stat(child, stat, until)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), i + 1):
                 return
             child.nlookup += 1
@@ -817,7 +931,7 @@ class NinefsOps(pyfuse3.Operations):
             self._changed(parent.src.node)
         path = (*parent.path, name)
         v = self._vnode_for(path, NodeSrc(parent.src.node, (*parent.src.path, name)), "file")
-        v.stat = await client.stat(fid)
+        self._set_stat(v, await client.stat(fid))
         v.version = r.qid.version
         v.nlookup += 1
         of = OpenFile(v, ctx.pid, parent.src.node, gen, fid, r.flags)

@@ -82,8 +82,10 @@ class Session:
         max_inflight: int = 256,
         max_queued: int = 64,
         max_flushes: int = 64,
+        stats: dict[str, int] | None = None,
     ) -> None:
         self.tree = tree
+        self.stats = {"requests_total": 0} if stats is None else stats  # shared: the node's
         self.principal = principal
         self.max_msize = msize
         self.msize = 0
@@ -134,6 +136,7 @@ class Session:
             msg = m.decode(await ch.receive())
             if not m.is_request(msg):
                 raise ProtocolError(f"{type(msg).__name__} is not a request")
+            self.stats["requests_total"] += 1
             if isinstance(msg, m.Tversion):
                 await self._version(msg)
                 continue

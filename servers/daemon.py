@@ -75,7 +75,9 @@ class NodeDaemon:
         policy = Policy(cfg.name, cfg.allow_root)  # whose rights jobs and /storage use
         self.jobs = jobs.JobTable(cfg.state / "jobs", node=cfg.name, keep=cfg.keep, workdir=cfg.export,
                                   policy=policy, max_per_user=cfg.max_user_jobs)  # fmt: skip
-        self.stats = {"connections": 0, "connections_total": 0, "refused_total": 0}
+        self.stats = {
+            "connections": 0, "connections_total": 0, "refused_total": 0, "requests_total": 0
+        }  # fmt: skip
         entries = base_entries(cfg.name, cfg.labels)
         entries.append(proc.tree(self.jobs))
         entries.append(self.jobs.tree())
@@ -176,8 +178,9 @@ class NodeDaemon:
         self._conns.add(conn)
         try:
             session = Session(
-                self.tree, Principal(user, grant, ch.peer), max_fids=self.cfg.max_fids
-            )
+                self.tree, Principal(user, grant, ch.peer), max_fids=self.cfg.max_fids,
+                stats=self.stats,
+            )  # fmt: skip
             with conn.scope:
                 await session.serve(ch)
         finally:

@@ -712,3 +712,43 @@ def test_a_cached_listing_never_hides_this_mounts_own_changes(mount: Path) -> No
     assert out.returncode == 0, out.stderr
     assert str(3 << 20) in out.stdout, out.stdout
     assert ls() == [("w", str(3 << 20))]
+
+
+def _requests(mount: Path) -> int:
+    """Node n1's count of requests received (read through the mount: a few of its own)."""
+    text = (mount / "n/n1/metrics").read_text()
+    return int(re.search(r"^ninefs_requests_total (\d+)$", text, re.M).group(1))
+
+
+def test_stat_of_a_whole_directory_lists_it_once(mount: Path, cluster: list[NodeProc]) -> None:
+    """Statahead: stat of every file in a storage directory (find, du, make) costs the node
+    one listing, not a walk for each file; the sizes are the node's, a change the mount makes
+    shows at once, and one made on the node's disk within the attribute timeout."""
+    d = cluster[0].export / "ahead"
+    d.mkdir()
+    for i in range(300):
+        (d / f"f{i:03d}").write_bytes(b"x" * i)
+    prog = (
+        "import os, sys\n"
+        "d = sys.argv[1]\n"
+        "print(' '.join(str(os.stat(f'{d}/f{i:03d}').st_size) for i in range(300)))\n"
+    )
+
+    def sizes() -> list[int]:
+        out = subprocess.run([sys.executable, "-c", prog, str(mount / "n/n1/storage/ahead")],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return [int(x) for x in out.stdout.split()]
+
+    before = _requests(mount)
+    assert sizes() == list(range(300))
+    used = _requests(mount) - before
+    assert used < 30, f"stat of 300 files took {used} requests"  # a walk each: over 300
+
+    sh("printf 12345 > n/n1/storage/ahead/f007", mount)  # through the mount: seen at once
+    assert sizes()[7] == 5
+    (d / "f009").write_bytes(b"y" * 1000)  # behind the mount's back: seen within a second
+    with_deadline = time.monotonic() + 10
+    while sizes()[9] != 1000:
+        assert time.monotonic() < with_deadline, "a change on the node's disk never showed"
+    assert (mount / "n/n1/storage/ahead/f009").read_bytes() == b"y" * 1000
