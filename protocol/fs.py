@@ -10,6 +10,11 @@ may await; one that waits for an event (a stream read, ``wait``) must be cancell
 every await, since a Tflush or a closed connection cancels it. Blocking system calls must go
 to ``trio.to_thread`` so they hold up no other client. ``Handle.close`` is called once, after
 every other call on the handle has returned.
+
+Cost: the session runs each call in the task that read its request until the call first
+blocks (then reading moves to a new task), so a call that returns without blocking costs
+no task switch at all. Keep what is cheap (walk, stat, a snapshot's read) free of awaits
+that yield; a ``trio.lowlevel.checkpoint_if_cancelled`` does not yield.
 """
 
 from __future__ import annotations

@@ -1,15 +1,23 @@
 """The server end of a session: version, the fid table, and dispatch to a Tree.
 
 As in lib9p's srv.c, each request type has one handler; the handlers check the fids and
-modes and call the tree. Requests run concurrently (each in its own task, up to
-``max_inflight``), replies go out in whatever order they finish, and Tflush cancels the
-request it names and is answered only after that request has finished.
+modes and call the tree. Requests run concurrently (up to ``max_inflight``), replies go out
+in whatever order they finish, and Tflush cancels the request it names and is answered only
+after that request has finished.
+
+Concurrency: the task that reads a request runs its handler at once, and most handlers
+(a walk, a stat, a read of a snapshot) finish without blocking: that request costs no task
+and no trip through the scheduler. A handler that blocks (a thread, a wait) keeps the task
+that read it, and a new task takes over reading: leader/follower, as pyfuse3's workers and
+lib9p's srv loop (which calls walk and stat in line) do. So a Tree's methods may block when
+they need to, but what is cheap should not.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MSIZE = 2 << 20
 BIG_READ = 64 << 10  # reads at least this long go straight into their reply's frame
+FAIR_EVERY = 16  # requests handled in line between yields to the other connections
 
 
 @dataclass(slots=True)
@@ -62,6 +71,25 @@ def _clip(text: str) -> str:
     valid UTF-8 (cut on a character boundary), no NUL, no lone surrogates."""
     raw = text.replace("\0", " ").encode("utf-8", "replace")
     return raw[: m.MAXSTR].decode("utf-8", "ignore")
+
+
+@types.coroutine
+def _carry_on(coro, trap):  # type: ignore[no-untyped-def]
+    """Drive ``coro`` on from where it first blocked (having yielded ``trap``) as part of
+    the current task, which is the one that started it: trio's traps name that task."""
+    while True:
+        try:
+            sent = yield trap
+        except BaseException as e:  # trio sends outcomes, but be exact about the rest
+            try:
+                trap = coro.throw(e)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                trap = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
 
 
 def _check_name(name: str) -> None:
@@ -118,10 +146,9 @@ class Session:
         try:
             with collapse_groups():
                 async with trio.open_nursery() as nursery:
-                    try:
-                        await self._read_loop(ch, nursery)
-                    finally:
-                        nursery.cancel_scope.cancel()
+                    # the reader's error (the peer went, or broke the protocol) cancels the
+                    # requests in flight and ends the session
+                    nursery.start_soon(self._read_loop, ch, nursery)
         except ProtocolError as e:
             log.warning("%s: closing: %s", ch.peer, e)
         except ConnectionClosed:
@@ -132,6 +159,9 @@ class Session:
                 await ch.aclose()
 
     async def _read_loop(self, ch: Channel, nursery: trio.Nursery) -> None:
+        """Read and handle requests until one blocks; then carry that one to its end and
+        leave the reading to a new task (see the module's docstring)."""
+        handled = 0
         while True:
             msg = m.decode(await ch.receive())
             if not m.is_request(msg):
@@ -152,7 +182,17 @@ class Session:
             await take(self._admitted)  # backpressure: stop reading when too much is queued
             req = _Request(trio.CancelScope(), trio.Event())
             self.requests[msg.tag] = req
-            nursery.start_soon(self._run, msg, req)
+            run = self._run(msg, req)
+            try:
+                trap = run.send(None)
+            except StopIteration:  # done without blocking: reply sent
+                handled += 1
+                if handled % FAIR_EVERY == 0:  # a busy client must not starve the others
+                    await trio.lowlevel.checkpoint()
+                continue
+            nursery.start_soon(self._read_loop, ch, nursery)
+            await _carry_on(run, trap)
+            return
 
     async def _run(self, msg: m.Msg, req: _Request) -> None:
         try:

@@ -200,10 +200,10 @@ class Channel:
             try:
                 size = max(self._reader.needed(), 65536)
                 if deadline is None:  # between frames: no deadline, no cancel scope to set up
-                    data = await self.stream.receive_some(size)
+                    data = await self._receive_some(size)
                 else:
                     with trio.move_on_at(deadline) as late:
-                        data = await self.stream.receive_some(size)
+                        data = await self._receive_some(size)
                     if late.cancelled_caught:
                         raise ProtocolError(f"a frame was not completed within {FRAME_TIMEOUT:g}s")
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
@@ -214,6 +214,20 @@ class Channel:
             if body is not None:
                 return body
             self._reader.feed(data)
+
+    async def _receive_some(self, size: int) -> bytes:
+        """``stream.receive_some``, but when the bytes are there already, one recv(2) and
+        no trip through the scheduler (trio's makes every receive a schedule point; the
+        session's read loop yields often enough by itself)."""
+        raw = self._raw
+        if raw is None:
+            return await self.stream.receive_some(size)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                return raw.recv(size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
 
     async def _receive_into(self, body: bytearray, got: int, deadline: float) -> bytearray:
         """The rest of a big frame, received straight into its buffer."""

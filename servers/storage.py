@@ -67,11 +67,19 @@ def tree(export: Path, policy: Policy) -> Mount:
     the rights of the account ``policy`` gives the user."""
     export = Path(export)
 
+    key = ("storage", str(export))
+
     def attach(ctx: Principal) -> StorageFile:
-        acct = policy.account(ctx.user, "use /storage")
-        # The export path is the operator's: following links in it is fine. Below it, never.
-        fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        return StorageFile._adopt(fd, None, "storage", acct)
+        # Once per connection (a path walked from the root passes here each time): the
+        # account is settled when the connection is, as ssh settles it at login.
+        root = ctx.extra.get(key)
+        if root is None:
+            acct = policy.account(ctx.user, "use /storage")
+            # The export path is the operator's: following links in it is fine. Below it,
+            # never.
+            fd = os.open(export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            root = ctx.extra[key] = StorageFile._adopt(fd, None, "storage", acct)
+        return root
 
     return Mount("storage", attach)
 

@@ -212,23 +212,6 @@ async def test_first_message_must_be_tversion(node, identity, client):
         await still_serving(client)
 
 
-async def test_duplicate_tag_closes_the_connection_only(node, identity, client):
-    with trio.fail_after(T):
-        raw = await Raw.open(node.addr)
-        await raw.handshake(identity.key, identity.user)
-        await raw.version()
-        # both in one write: the node reads the second while the first is in flight
-        await raw.send(m.Tping(7), m.Tping(7))
-        await raw.expect_closed()
-        await wait_for_log(node, "tag 7 is already in use")
-        await still_serving(client)
-        other = await Raw.open(node.addr)
-        await other.handshake(identity.key, identity.user)
-        await other.version()
-        await other.send(m.Tping(7))
-        assert await other.recv() == m.Rping(7)
-
-
 async def test_notag_is_not_a_request_tag(node, identity, client):
     with trio.fail_after(T):
         raw = await Raw.open(node.addr)
@@ -383,6 +366,62 @@ async def test_cancelled_call_is_flushed_and_the_connection_stays_usable():
                 await c.ping()
                 assert await c.read_file("/fast") == b"fast\n"
                 assert not c.closed.is_set() and not c._pending
+            servers.cancel_scope.cancel()
+
+
+async def _blocked_read(addr: str, tree: _BlockingTree) -> Raw:
+    """A raw connection with Tread tag 7 of /block in flight on the node."""
+    raw = await Raw.open(addr)
+    await raw.handshake(nacl.signing.SigningKey.generate(), "tester")
+    await raw.version()
+    await raw.send(m.Tattach(1, 0, "tester", ""), m.Twalkopen(2, 0, 1, ["block"], m.OREAD, 0))
+    assert isinstance(await raw.recv(), m.Rattach)
+    assert isinstance(await raw.recv(), m.Rwalkopen)
+    await raw.send(m.Tread(7, 1, 0, 10))
+    await tree.entered.wait()
+    return raw
+
+
+async def test_a_blocked_request_holds_up_nothing_else_on_its_connection():
+    """Handlers run in the task that read them until one blocks; then reading moves to a
+    new task: what comes after a blocked read is answered, in line or not."""
+    tree = _BlockingTree()
+    with trio.fail_after(T):
+        async with trio.open_nursery() as servers:
+            addr = await _serve_in_process(servers, tree)
+            raw = await _blocked_read(addr, tree)
+            await raw.send(m.Tping(8), m.Twalkopen(9, 0, 2, ["fast"], m.OREAD, 0))
+            assert await raw.recv() == m.Rping(8)
+            assert isinstance(await raw.recv(), m.Rwalkopen)
+            await raw.send(m.Tread(10, 2, 0, 10))
+            assert await raw.recv() == m.Rread(10, b"fast\n")
+            # a second blocked read moves reading on again; flushes still get through
+            tree.entered = trio.Event()
+            await raw.send(m.Twalkopen(11, 0, 3, ["block"], m.OREAD, 0), m.Tread(12, 3, 0, 1))
+            assert isinstance(await raw.recv(), m.Rwalkopen)
+            await tree.entered.wait()
+            await raw.send(m.Tflush(13, 7), m.Tflush(14, 12))
+            got = {(await raw.recv()).tag, (await raw.recv()).tag}
+            assert got == {13, 14}
+            await raw.send(m.Tping(7))  # tag 7 is free again once its flush is answered
+            assert await raw.recv() == m.Rping(7)
+            servers.cancel_scope.cancel()
+
+
+async def test_duplicate_tag_closes_the_connection_only(caplog):
+    tree = _BlockingTree()
+    with trio.fail_after(T):
+        async with trio.open_nursery() as servers:
+            addr = await _serve_in_process(servers, tree)
+            raw = await _blocked_read(addr, tree)
+            await raw.send(m.Tping(7))  # tag 7 is a read still in flight
+            await raw.expect_closed()
+            assert "tag 7 is already in use" in caplog.text
+            other = await Raw.open(addr)
+            await other.handshake(nacl.signing.SigningKey.generate(), "tester")
+            await other.version()
+            await other.send(m.Tping(7))
+            assert await other.recv() == m.Rping(7)
             servers.cancel_scope.cancel()
 
 
