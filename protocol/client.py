@@ -17,7 +17,7 @@ import trio
 
 from . import messages as m
 from .errors import NineError, ProtocolError, collapse_groups
-from .framing import LEN_SIZE
+from .framing import LEN_SIZE, SPARES
 from .keys import KnownNodes
 from .sealing import MAX_ABYTES
 from .transport import Channel, ConnectionClosed, dial, take
@@ -136,8 +136,8 @@ class Client:
             try:
                 if type(msg) is m.Twrite and len(msg.data) >= BIG_WRITE:
                     # into its frame once, sealed where it lies (no encode + seal copies)
-                    buf, n = m.encode_into(msg, LEN_SIZE, MAX_ABYTES)
-                    await self.channel.send_prepared(buf, n)
+                    buf, n = m.encode_into(msg, LEN_SIZE, MAX_ABYTES, SPARES.take)
+                    await self.channel.send_prepared(buf, n, spare=True)
                 else:
                     await self.channel.send(m.encode(msg))
             except ConnectionClosed as e:

@@ -23,6 +23,30 @@ def frame_header(length: int) -> bytes:
     return _LEN.pack(length)
 
 
+class Spares:
+    """Big frame buffers kept for the next big frame: a new bytearray is zeroed, and for a
+    MiB that costs as much as sealing it. One per process (``SPARES``); a buffer is given
+    back only when nothing refers to it any more (it has been sent)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._free: list[bytearray] = []
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (its contents are whatever they were)."""
+        for i, buf in enumerate(self._free):
+            if len(buf) >= size:
+                return self._free.pop(i)
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self._free) < self.keep:
+            self._free.append(buf)
+
+
+SPARES = Spares()
+
+
 class FrameReader:
     """Splits a byte stream into frame bodies, refusing any longer than ``limit``."""
 

@@ -337,16 +337,19 @@ def encode(msg: Msg) -> bytes:
     return packed
 
 
-def encode_into(msg: Msg, room: int, tail: int) -> tuple[bytearray, int]:
-    """``encode(msg)`` laid out in a buffer of its own, ``room`` bytes in and ``tail``
-    bytes of room after it (Channel.send_prepared seals it there): a big payload is
-    copied once, into its frame. Returns the buffer and the body's length."""
+def encode_into(
+    msg: Msg, room: int, tail: int, new: Callable[[int], bytearray] = bytearray
+) -> tuple[bytearray, int]:
+    """``encode(msg)`` laid out in a buffer of its own (``new(size)``: at least that long),
+    ``room`` bytes in and ``tail`` bytes of room after it (Channel.send_prepared seals it
+    there): a big payload is copied once, into its frame. Returns the buffer and the
+    body's length."""
     cls = type(msg)
     data = msg.data if cls in _HAS_DATA else b""
     header = encode(cls(msg.tag, *(getattr(msg, name) for name, _ in _FIELDS[cls]),
                         *((b"",) if cls in _HAS_DATA else ())))  # fmt: skip
     n = len(header) + len(data)
-    buf = bytearray(room + n + tail)
+    buf = new(room + n + tail)
     buf[room : room + len(header)] = header
     buf[room + len(header) : room + n] = data
     return buf, n

@@ -25,7 +25,7 @@ import trio
 
 from . import messages as m
 from .errors import NineError, ProtocolError, collapse_groups
-from .framing import LEN_SIZE
+from .framing import LEN_SIZE, SPARES
 from .fs import File, Handle, Principal, Tree
 from .sealing import MAX_ABYTES
 from .transport import Channel, ConnectionClosed, take
@@ -40,7 +40,7 @@ FAIR_EVERY = 16  # requests handled in line between yields to the other connecti
 @dataclass(slots=True)
 class Prepared:
     """A reply already laid out in its frame buffer (Channel.send_prepared): ``n`` bytes of
-    plaintext after LEN_SIZE bytes of room."""
+    plaintext after LEN_SIZE bytes of room; the buffer is one of SPARES."""
 
     buf: bytearray
     n: int
@@ -224,7 +224,7 @@ class Session:
     async def _send(self, reply: m.Msg | bytes | Prepared) -> None:
         if isinstance(reply, Prepared):
             try:
-                await self.channel.send_prepared(reply.buf, reply.n)
+                await self.channel.send_prepared(reply.buf, reply.n, spare=True)
             except ConnectionClosed:
                 pass
             return
@@ -451,7 +451,7 @@ class Session:
                 # read straight into the reply's frame, sealed where it lies: no copies
                 head = m.encode(m.Rread(msg.tag, b""))
                 start = LEN_SIZE + len(head)
-                buf = bytearray(start + count + MAX_ABYTES)
+                buf = SPARES.take(start + count + MAX_ABYTES)
                 buf[LEN_SIZE:start] = head
                 with memoryview(buf) as view:
                     got = await read_into(msg.offset, view[start : start + count])

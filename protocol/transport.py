@@ -15,7 +15,7 @@ import nacl.signing
 import trio
 
 from .errors import ProtocolError
-from .framing import _LEN, LEN_SIZE, FrameReader, frame
+from .framing import _LEN, LEN_SIZE, SPARES, FrameReader, frame
 from .handshake import (
     MAX_HANDSHAKE_MSG,
     ClientHandshake,
@@ -118,22 +118,26 @@ class Channel:
     async def send(self, body: bytes) -> None:
         await self._send_sealed(lambda: self._sealer.seal_framed(body, LEN_SIZE))
 
-    async def send_prepared(self, buf: bytearray, n: int) -> None:
+    async def send_prepared(self, buf: bytearray, n: int, spare: bool = False) -> None:
         """Send the plaintext ``buf[LEN_SIZE:LEN_SIZE+n]``, built there by the caller with
         MAX_ABYTES of room after it: where the suite can, it is sealed in place (a big
-        Rread read straight into its frame is never copied)."""
+        Rread read straight into its frame is never copied). ``spare``: ``buf`` came from
+        SPARES and goes back there once sent."""
 
-        def seal() -> bytearray:
+        def seal() -> bytearray | memoryview:
             inplace = getattr(self._sealer, "seal_inplace", None)
             if inplace is None:
                 with memoryview(buf) as view:
                     return self._sealer.seal_framed(view[LEN_SIZE : LEN_SIZE + n], LEN_SIZE)
-            del buf[LEN_SIZE + inplace(buf, LEN_SIZE, n) :]
-            return buf
+            return memoryview(buf)[: LEN_SIZE + inplace(buf, LEN_SIZE, n)]
 
-        await self._send_sealed(seal)
+        try:
+            await self._send_sealed(seal)
+        finally:
+            if spare:
+                SPARES.give(buf)
 
-    async def _send_sealed(self, seal: Callable[[], bytearray]) -> None:
+    async def _send_sealed(self, seal: Callable[[], bytearray | memoryview]) -> None:
         lock = self._send_lock
         if lock.locked():
             await lock.acquire()
@@ -152,16 +156,19 @@ class Channel:
                 raise ConnectionClosed(self._broken)
             # sealed in place behind room for the length: one buffer, no copies
             sealed = seal()
-            _LEN.pack_into(sealed, 0, len(sealed) - LEN_SIZE)
-            if not self._header_sent:
-                sealed = frame(self._sealer.header) + sealed
             try:
-                await self._send_raw(sealed)
-            except BaseException:
-                self._broken = "a send was interrupted in the middle of a frame"
-                with trio.CancelScope(shield=True):
-                    await self.stream.aclose()
-                raise
+                _LEN.pack_into(sealed, 0, len(sealed) - LEN_SIZE)
+                out = sealed if self._header_sent else frame(self._sealer.header) + sealed
+                try:
+                    await self._send_raw(out)
+                except BaseException:
+                    self._broken = "a send was interrupted in the middle of a frame"
+                    with trio.CancelScope(shield=True):
+                        await self.stream.aclose()
+                    raise
+            finally:
+                if type(sealed) is memoryview:
+                    sealed.release()  # a view of the caller's buffer: free it for reuse
             self._header_sent = True
         finally:
             lock.release()

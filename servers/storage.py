@@ -30,6 +30,7 @@ client; small metadata calls stay on the loop.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import grp
 import logging
@@ -59,7 +60,6 @@ _OPEN = os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 _ACCESS = {m.OREAD: os.O_RDONLY, m.OWRITE: os.O_WRONLY, m.ORDWR: os.O_RDWR, m.OEXEC: os.O_RDONLY}
 _PERM = 0o1777  # the bits create and chmod may set: never setuid or setgid
 _MAX_OFFSET = 2**63 - 1
-_INLINE_READ = 64 << 10  # reads up to this many bytes run on the loop, larger in a thread
 
 
 def tree(export: Path, policy: Policy) -> Mount:
@@ -405,20 +405,30 @@ class StorageHandle(Handle):
         self._wrote = False
 
     async def read(self, offset: int, count: int) -> bytes:
-        if offset > _MAX_OFFSET:
-            raise NineError("EINVAL", "offset out of range")
-        if count <= _INLINE_READ or os.fstat(self._fd).st_size - offset <= _INLINE_READ:
-            # small (as asked, or as what is left of the file): a thread hop (two wake-ups
-            # across CPUs) costs more than the pread
-            await trio.lowlevel.checkpoint_if_cancelled()
-            return os.pread(self._fd, count, offset)
-        return await _thread(os.pread, self._fd, count, offset)
+        buf = bytearray(count)
+        with memoryview(buf) as view:
+            got = await self.read_into(offset, view)
+        del buf[got:]
+        return bytes(buf)
 
     async def read_into(self, offset: int, buf: memoryview) -> int:
-        """As ``read``, into ``buf`` (the reply's frame: Session.read's fast path)."""
+        """As ``read``, into ``buf`` (the reply's frame: Session.read's fast path). What
+        the page cache holds is copied on the loop (RWF_NOWAIT: never waits for the disk);
+        only the rest goes to a thread, so a slow disk holds up no other request."""
         if offset > _MAX_OFFSET:
             raise NineError("EINVAL", "offset out of range")
-        return await _thread(os.preadv, self._fd, [buf], offset)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            got = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            got = 0
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:  # a filesystem without RWF_NOWAIT: a thread
+                raise
+            got = 0
+        if got == len(buf) or offset + got >= os.fstat(self._fd).st_size:
+            return got  # all of it, or all there is
+        return got + await _thread(os.preadv, self._fd, [buf[got:]], offset + got)
 
     async def write(self, offset: int, data: bytes) -> int:
         if offset > _MAX_OFFSET:
