@@ -253,6 +253,25 @@ async def test_large_file_and_concurrent_reads(client, node):
                 nursery.start_soon(reader, i)
         assert all(got[i] == data[i << 20 : (i + 1) << 20] for i in range(8))
 
+        # from the disk, not the page cache (the node reads what is not cached in a thread),
+        # and half cached, half not: each read gets the file's own bytes
+        def uncache(offset: int = 0) -> None:
+            fd = os.open(node.export / "big", os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, offset, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+        uncache()
+        assert xxhash.xxh128_hexdigest(await client.read_file("/storage/big")) == want
+        uncache(3 << 19)
+        f = await walk(client, "big")
+        await client.open(f, m.OREAD)
+        assert await client.read(f, 1 << 20, 1 << 20) == data[1 << 20 : 2 << 20]
+        assert await client.read(f, (8 << 20) - 100, 1 << 20) == data[-100:]  # short: the end
+        assert await client.read(f, 8 << 20, 1 << 20) == b""
+        await client.clunk(f)
+
 
 async def test_wstat_and_qids(client, node):
     ex: Path = node.export
