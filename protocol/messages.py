@@ -152,7 +152,34 @@ def _qids(v: Any) -> list[Qid]:
     return [_qid(x) for x in _list(v, MAXWELEM)]
 
 
+_SHORT = MAXNAME // 4  # a string this many characters long fits MAXNAME in any UTF-8
+
+
 def _stat(v: Any) -> Stat:
+    # The usual stat, checked in line (a listing decodes thousands): the same rules as
+    # _stat_checked, which says why anything else is refused.
+    if type(v) is list and len(v) == 10:
+        q, mode, size, at, mt, ct, nlink, uid, gid, name = v
+        if (
+            type(q) is list and len(q) == 3
+            and type(q[0]) is int and 0 <= q[0] <= 0xFF
+            and type(q[1]) is int and 0 <= q[1] <= 0xFFFFFFFF
+            and type(q[2]) is int and 0 <= q[2] < 2**64
+            and type(mode) is int and 0 <= mode <= 0xFFFFFFFF
+            and type(size) is int and 0 <= size < 2**64
+            and type(at) is int and -(2**63) <= at < 2**63
+            and type(mt) is int and -(2**63) <= mt < 2**63
+            and type(ct) is int and -(2**63) <= ct < 2**63
+            and type(nlink) is int and 0 <= nlink <= 0xFFFFFFFF
+            and type(uid) is str and len(uid) <= _SHORT and "\0" not in uid
+            and type(gid) is str and len(gid) <= _SHORT and "\0" not in gid
+            and type(name) is str and len(name) <= _SHORT and "\0" not in name
+        ):  # fmt: skip
+            return Stat(Qid(q[0], q[1], q[2]), mode, size, at, mt, ct, nlink, uid, gid, name)
+    return _stat_checked(v)
+
+
+def _stat_checked(v: Any) -> Stat:
     if type(v) is not list or len(v) != 10:
         raise ProtocolError("a stat has 10 fields")
     return Stat(

@@ -749,3 +749,41 @@ def test_a_big_frame_sealed_in_its_buffer_opens_as_sent(suite):
     else:
         sealed = bytearray(sealer.seal(bytes(buf[4 : 4 + len(body)])))
     assert opener_for(suite, key, sealer.header).open(sealed) == body
+
+
+_edge_int = st.sampled_from(
+    [0, 1, 0xFF, 0x100, 0xFFFFFFFF, 2**32, 2**63 - 1, 2**63, 2**64 - 1, -1, -(2**63)]
+)
+_odd = st.one_of(st.booleans(), st.none(), st.floats(allow_nan=False), st.binary(max_size=3))
+_string = st.one_of(
+    st.text(max_size=70), st.sampled_from(["a\0b", "\udcff" * 63, "é" * 64, "x" * 256])
+)
+_qid = st.one_of(st.lists(_edge_int, min_size=3, max_size=3), st.lists(_edge_int, max_size=4))
+# mostly the right kind in each place, so that both acceptance and each refusal are reached
+_stat_wire = st.tuples(
+    st.one_of(_qid, _odd), *[st.one_of(_edge_int, _edge_int, _odd)] * 6,
+    *[st.one_of(_string, _string, _odd)] * 3,
+).map(list)  # fmt: skip
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_stat_wire, st.lists(_edge_int, max_size=11)))
+def test_the_in_line_stat_check_agrees_with_the_full_one(v: list) -> None:
+    """_stat's fast path accepts exactly what _stat_checked accepts, and builds the same."""
+
+    def outcome(fn):
+        try:
+            return fn(v)
+        except ProtocolError:
+            return "refused"
+
+    assert outcome(m._stat) == outcome(m._stat_checked)
+
+
+def test_the_in_line_stat_check_takes_the_usual_stat() -> None:
+    s = m.Stat(m.Qid(0, 7, 2**64 - 1), 0o644, 100, -1, 2**63 - 1, 0, 1, "alice", "users", "f")
+    wire = [list(s.qid), *s[1:]]
+    assert m._stat(wire) == m._stat_checked(wire) == s
+    for bad in ([*wire[:9], "x" * 256], [*wire[:3], True, *wire[4:]], [[0, 7, -1], *wire[1:]]):
+        with pytest.raises(ProtocolError):
+            m._stat(bad)
