@@ -40,6 +40,7 @@ from ninefs.protocol import messages as m
 from ninefs.protocol.errors import NineError
 from ninefs.protocol.fs import Handle
 
+from . import workers
 from .accounts import Policy
 from .cgroups import DEFAULT_PROCS, JobGroups
 from .toolkit import Cmd, Ctl, Ctx, Dir, Entry, Stream, Text
@@ -183,7 +184,7 @@ class Spool:
             return
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        await trio.to_thread.run_sync(os.write, self._fd, data)
+        await workers.run(os.write, self._fd, data)
         self.size += len(data)
         self._notify()
 
@@ -210,7 +211,7 @@ class SpoolReader(Handle):
             while True:
                 if self.pos < self.spool.size:
                     n = min(count, self.spool.size - self.pos)
-                    data = await trio.to_thread.run_sync(os.pread, self.fd, n, self.pos)
+                    data = await workers.run(os.pread, self.fd, n, self.pos)
                     self.pos += len(data)
                     return data
                 if self.spool.done:

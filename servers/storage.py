@@ -50,6 +50,7 @@ from ninefs.protocol import messages as m
 from ninefs.protocol.errors import NineError
 from ninefs.protocol.fs import File, Handle, Principal
 
+from . import workers
 from .accounts import Account, Policy
 from .toolkit import Mount
 
@@ -99,7 +100,7 @@ async def _thread(fn: Callable[..., Any], *args: Any, _acct: Account | None = No
     call = functools.partial(fn, *args, **kwargs)
     if _acct is not None:
         call = functools.partial(_run_as, _acct, call)
-    return await trio.to_thread.run_sync(call)
+    return await workers.run(call)
 
 
 def _proc(fd: int) -> str:
