@@ -54,6 +54,8 @@ CONNECT_WAIT = 5.0  # seconds a `mount` written to /ctl waits for the node to co
 NODE_WATCH = 1.0  # seconds between looks for newly mounted nodes (changes wake us at once)
 BLKSIZE = 1 << 20
 RENAME_NOREPLACE = 1  # renameat2's flag (pyfuse3 passes the flags through)
+_DMDIR, _DMSYMLINK = m.DMDIR, m.DMSYMLINK
+_IFDIR, _IFLNK, _IFREG = st.S_IFDIR, st.S_IFLNK, st.S_IFREG
 
 
 @dataclass(eq=False)
@@ -420,7 +422,7 @@ class NinefsOps(pyfuse3.Operations):
 
     # -- attributes --------------------------------------------------------------------
 
-    def _attrs(self, v: Vnode) -> pyfuse3.EntryAttributes:
+    def _attrs(self, v: Vnode, now: float | None = None) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = v.ino
         a.st_uid, a.st_gid = self.uid, self.gid
@@ -436,21 +438,20 @@ class NinefsOps(pyfuse3.Operations):
             # (else every path lookup through /n/NODE costs a walk and a stat on the node)
             a.entry_timeout = a.attr_timeout = ENTRY_TTL if v.kind == "dir" else 0
             return a
-        perm = s.mode & 0o7777
-        if s.mode & m.DMDIR:
-            a.st_mode = st.S_IFDIR | perm
-        elif s.mode & m.DMSYMLINK:
-            a.st_mode = st.S_IFLNK | perm
-        else:
-            a.st_mode = st.S_IFREG | perm
-        a.st_nlink = max(s.nlink, 1)
-        a.st_size = s.size
-        a.st_blocks = (s.size + 511) // 512
-        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = s.atime, s.mtime, s.ctime
+        # (in line, with module constants: readdir makes thousands of these)
+        mode = s.mode
+        kind = _IFDIR if mode & _DMDIR else _IFLNK if mode & _DMSYMLINK else _IFREG
+        a.st_mode = kind | (mode & 0o7777)
+        a.st_nlink = s.nlink or 1
+        a.st_size = size = s.size
+        a.st_blocks = (size + 511) >> 9
+        a.st_atime_ns = s.atime
+        a.st_mtime_ns = s.mtime
+        a.st_ctime_ns = s.ctime
         if v.storage:
             # never cached past STORAGE_TTL from when the node said it (a listing's age counts)
-            ttl = min(STORAGE_TTL, v.stat_until - trio.current_time())
-            a.entry_timeout = a.attr_timeout = max(ttl, 0.0)
+            ttl = v.stat_until - (trio.current_time() if now is None else now)
+            a.entry_timeout = a.attr_timeout = min(STORAGE_TTL, ttl) if ttl > 0 else 0.0
         else:
             # A synthetic file's attributes are fixed too (size 0, read with direct I/O to
             # EOF), so the stat that cat's fstat asks for need not cross the network.
@@ -660,6 +661,7 @@ class NinefsOps(pyfuse3.Operations):
 
     async def readdir(self, fh, start_id, token):
         of = self.files[fh]
+        now = trio.current_time()
         for i in range(start_id, len(of.entries)):
             name, src, kind, stat, until = of.entries[i]
             if kind == "dot":  # the kernel takes no lookup for . and ..: count none
@@ -679,9 +681,13 @@ class NinefsOps(pyfuse3.Operations):
                 with contextlib.suppress(NineError):
                     await self._settle(child)
                     await self._refresh(child)
+                now = trio.current_time()
             elif stat is not None:
                 self._set_stat(child, stat, until)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), i + 1):
+            attrs = self._attrs(child, now)
+            if not pyfuse3.readdir_reply(
+                token, name.encode("utf-8", "surrogateescape"), attrs, i + 1
+            ):
                 return
             child.nlookup += 1
 
