@@ -440,7 +440,7 @@ class Client:
                 out.extend(batch)
             return out
         finally:
-            await self._clunk_quietly(fid)
+            self.clunk_later(fid)  # no round trip of its own
 
     async def stat_path(self, path: str) -> m.Stat:
         fid = await self.walk_path(path)
