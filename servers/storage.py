@@ -133,30 +133,32 @@ def _group(gid: int) -> str:
         return str(gid)
 
 
+_DEV_INO = struct.Struct("<QQ").pack
+_CHANGE = struct.Struct("<qqQ").pack
+_S_IFMT, _S_IFDIR, _S_IFLNK = st_.S_IFMT(0o170000), st_.S_IFDIR, st_.S_IFLNK
+
+
 def qid_of(st: os.stat_result) -> m.Qid:
     """The qid of an inode: path from (device, inode); version changes with the contents."""
-    if st_.S_ISDIR(st.st_mode):
-        qtype = m.QTDIR
-    elif st_.S_ISLNK(st.st_mode):
-        qtype = m.QTSYMLINK
-    else:
-        qtype = m.QTFILE
-    path = xxhash.xxh3_64_intdigest(struct.pack("<QQ", st.st_dev, st.st_ino))
-    version = xxhash.xxh32_intdigest(
-        struct.pack("<qqQ", st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-    )
+    kind = st.st_mode & _S_IFMT
+    qtype = m.QTDIR if kind == _S_IFDIR else m.QTSYMLINK if kind == _S_IFLNK else m.QTFILE
+    path = xxhash.xxh3_64_intdigest(_DEV_INO(st.st_dev, st.st_ino))
+    version = xxhash.xxh32_intdigest(_CHANGE(st.st_mtime_ns, st.st_ctime_ns, st.st_size))
     return m.Qid(qtype, version, path)
 
 
 def stat_of(st: os.stat_result, name: str) -> m.Stat:
+    # (a listing makes thousands: the kind is looked at once, constants are the module's)
+    kind = st.st_mode & _S_IFMT
     mode = st.st_mode & 0o7777
-    if st_.S_ISDIR(st.st_mode):
+    if kind == _S_IFDIR:
         mode |= m.DMDIR
-    elif st_.S_ISLNK(st.st_mode):
+    elif kind == _S_IFLNK:
         mode |= m.DMSYMLINK
+    nlink = st.st_nlink
     return m.Stat(
         qid_of(st), mode, st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
-        min(st.st_nlink, 0xFFFFFFFF), _user(st.st_uid), _group(st.st_gid), name,
+        nlink if nlink <= 0xFFFFFFFF else 0xFFFFFFFF, _user(st.st_uid), _group(st.st_gid), name,
     )  # fmt: skip
 
 
