@@ -41,6 +41,7 @@ MAX_HELD_FIDS = 1024  # fids the mount keeps per inode, over all nodes (a node a
 STORAGE_TTL = 1.0  # seconds the kernel may cache storage attributes and entries
 LISTING_TTL = STORAGE_TTL  # seconds a storage directory's listing is reused (as its attrs)
 MAX_LISTINGS = 64  # storage listings kept per node
+STREAM_AHEAD = 4096  # entries a listing arriving behind opendir may get ahead of readdir
 # Statahead (as Lustre's): a storage directory in which lookups keep missing is listed once,
 # and its listing answers the lookups after (stat of every file, open-read-close of many).
 STATAHEAD_AFTER = 8  # misses within LISTING_TTL that start it
@@ -92,6 +93,28 @@ class Listing:
 
 
 @dataclass(eq=False)
+class Streaming:
+    """A storage directory's listing still arriving (opendir returned at once): readdir
+    hands out what is there and waits for more only when it has nothing to give."""
+
+    scope: trio.CancelScope
+    more: trio.Event = field(default_factory=trio.Event)  # set at each batch, then renewed
+    room: trio.Event = field(default_factory=trio.Event)  # set as readdir hands entries out
+    handed: int = 0  # entries readdir has handed to the kernel
+    done: bool = False
+    error: NineError | None = None
+
+    def wake(self) -> None:
+        self.more.set()
+        self.more = trio.Event()
+
+    def took(self, upto: int) -> None:
+        self.handed = max(self.handed, upto)
+        self.room.set()
+        self.room = trio.Event()
+
+
+@dataclass(eq=False)
 class OpenFile:
     vnode: Vnode
     pid: int
@@ -105,6 +128,7 @@ class OpenFile:
     head: bytes | None = None  # the first bytes, sent with the open; dropped once read
     head_all: bool = False  # head is the whole file (it came up short)
     behind: WriteBehind | None = None  # a storage file open for writing: its queued writes
+    streaming: Streaming | None = None  # a directory whose listing is still arriving
     # a directory's listing: name, place (None: resolve it when listed), kind, node's stat
     # and until when that stat may be cached
     entries: list[tuple[str, NodeSrc | LocalSrc | None, str, m.Stat | None, float]] = field(
@@ -623,6 +647,15 @@ class NinefsOps(pyfuse3.Operations):
     @_fuse_errors
     async def opendir(self, inode, ctx):
         v = self._vnode(inode)
+        srcs = self.ns.resolve(v.path)
+        if (
+            len(srcs) == 1
+            and isinstance(srcs[0], NodeSrc)
+            and srcs[0].path[:1] == ("storage",)
+            and self._listing(srcs[0].node, srcs[0].path) is None
+            and not self.ns.mount_points(v.path)
+        ):
+            return await self._opendir_streaming(v, srcs[0], ctx)
         # name -> (place or None, kind, stat, until); inodes are made only for the names
         # that readdir hands to the kernel (each of those counts as a lookup)
         seen: dict[str, tuple[NodeSrc | LocalSrc | None, str, m.Stat | None, float]] = {}
@@ -659,8 +692,61 @@ class NinefsOps(pyfuse3.Operations):
         of.entries = [*dots, *((name, *e) for name, e in seen.items() if name not in (".", ".."))]
         return self._new_fh(of)
 
+    async def _opendir_streaming(self, v: Vnode, src: NodeSrc, ctx) -> int:
+        """Open a storage directory that has no fresh listing and let its entries arrive
+        behind the open, batch by batch (Client.read_dir): the kernel takes the first
+        entries while the node still takes the stats of the rest, and the whole listing is
+        kept as _list_storage keeps one."""
+        client, _ = self._client(src.node)
+        gen = self._list_gen.get(src.node, 0)
+        until = trio.current_time() + LISTING_TTL
+        fid = await client.open_path("/" + "/".join(src.path), m.OREAD)  # errors here
+        of = OpenFile(v, ctx.pid)
+        of.entries = [(".", None, "dot", None, 0.0), ("..", None, "dot", None, 0.0)]
+        of.streaming = stream = Streaming(trio.CancelScope())
+        listed: list[m.Stat] = []
+
+        async def take(batch: list[m.Stat]) -> None:
+            listed.extend(batch)
+            for s in batch:
+                place = NodeSrc(src.node, (*src.path, s.name))
+                of.entries.append((s.name, place, self._kind(s), s, until))
+            stream.wake()
+            # no further ahead of the reader than this: a slow reader of a huge directory
+            # holds a bounded listing (and a reader that stops holds up no node)
+            while len(of.entries) - stream.handed > STREAM_AHEAD:
+                await stream.room.wait()
+
+        async def arrive() -> None:
+            try:
+                with stream.scope:
+                    await client.read_dir(fid, take)
+                    if self._list_gen.get(src.node, 0) == gen:  # nothing changed meanwhile
+                        mine = self._listings.setdefault(src.node, {})
+                        mine.pop(src.path, None)
+                        mine[src.path] = Listing(until, listed)
+                        while len(mine) > MAX_LISTINGS:
+                            del mine[next(iter(mine))]
+            except NineError as e:
+                stream.error = e
+            finally:
+                stream.done = True
+                client.clunk_later(fid)
+                stream.wake()
+
+        self.nursery.start_soon(arrive)
+        return self._new_fh(of)
+
+    @_fuse_errors
     async def readdir(self, fh, start_id, token):
         of = self.files[fh]
+        stream = of.streaming
+        if stream is not None:
+            stream.took(start_id)  # the kernel has what comes before: let more arrive
+            while start_id >= len(of.entries) and not stream.done:
+                await stream.more.wait()  # nothing to hand out yet: wait for the next batch
+            if start_id >= len(of.entries) and stream.error is not None:
+                raise stream.error  # after what did arrive (ls shows those, then the error)
         now = trio.current_time()
         for i in range(start_id, len(of.entries)):
             name, src, kind, stat, until = of.entries[i]
@@ -692,7 +778,9 @@ class NinefsOps(pyfuse3.Operations):
             child.nlookup += 1
 
     async def releasedir(self, fh):
-        self.files.pop(fh, None)
+        of = self.files.pop(fh, None)
+        if of is not None and of.streaming is not None:
+            of.streaming.scope.cancel()  # closed before the end (`ls | head`): stop asking
 
     # -- files -------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import nacl.signing
@@ -31,6 +31,8 @@ BIG_WRITE = 64 << 10  # Twrites at least this long are laid out in their frame d
 CLUNK_DELAY = 0.01  # seconds clunks gather for one Tclunkmany
 FLUSH_TIMEOUT = 3.0  # seconds for Rflush; past that the node is hung and the connection goes
 MAX_TAGS = 4096
+READDIR_CHUNK = 512  # entries a streamed listing asks for at a time (Client.read_dir)
+READDIR_AHEAD = 2  # and how many such Treaddirs it keeps in flight
 
 
 class _Slot:
@@ -377,6 +379,48 @@ class Client:
     async def readdir(self, fid: int, offset: int, count: int = 1024) -> list[m.Stat]:
         return (await self.rpc(m.Treaddir(0, fid, offset, count))).entries
 
+    async def read_dir(
+        self,
+        fid: int,
+        take: Callable[[list[m.Stat]], Awaitable[None]],
+        ahead: int = READDIR_AHEAD,
+    ) -> None:
+        """All of an open directory's entries, handed to ``take`` batch by batch in order
+        as they arrive, with ``ahead`` Treaddirs in flight (the node takes the next batch's
+        stats while this one travels and is used); ``take`` may wait, to slow the
+        listing down to its reader."""
+        # a batch small enough that no reply is ever cut to fit msize (an entry is at most
+        # ~900 bytes), so that a reply shorter than asked is the end
+        chunk = max(1, min(READDIR_CHUNK, (self.msize - m.HEADER_ROOM) // 1024))
+        got: dict[int, list[m.Stat] | NineError] = {}
+        arrived = {i: trio.Event() for i in range(ahead)}
+
+        async def fetch(i: int) -> None:
+            try:
+                got[i] = await self.readdir(fid, i * chunk, chunk)
+            except NineError as e:  # raised in order, by the loop below
+                got[i] = e
+            arrived[i].set()
+
+        with collapse_groups():
+            async with trio.open_nursery() as n:
+                for i in range(ahead):
+                    n.start_soon(fetch, i)
+                i = 0
+                while True:
+                    await arrived[i].wait()
+                    batch = got.pop(i)
+                    del arrived[i]
+                    if isinstance(batch, NineError):
+                        raise batch
+                    if batch:
+                        await take(batch)
+                    if len(batch) < chunk:
+                        break  # the end: what is still in flight comes back empty
+                    arrived[i + ahead] = trio.Event()
+                    n.start_soon(fetch, i + ahead)
+                    i += 1
+
     async def rename(self, fid: int, newdirfid: int, newname: str) -> None:
         await self.rpc(m.Trename(0, fid, newdirfid, newname))
 
@@ -436,8 +480,11 @@ class Client:
         fid = await self.open_path(path, m.OREAD)
         try:
             out: list[m.Stat] = []
-            while batch := await self.readdir(fid, len(out)):
+
+            async def take(batch: list[m.Stat]) -> None:
                 out.extend(batch)
+
+            await self.read_dir(fid, take)
             return out
         finally:
             self.clunk_later(fid)  # no round trip of its own

@@ -451,39 +451,60 @@ class StorageHandle(Handle):
 
 
 class DirHandle(StorageHandle):
-    """An open directory: its entries and their stats, listed once at open, so readdir
-    offsets index a fixed list however the directory changes meanwhile."""
+    """An open directory: its names, read once at open, and their stats, taken as readdir
+    first reaches them (a big listing streams: the first entries go out while the node is
+    still looking at the rest). Offsets index a fixed list however the directory changes
+    meanwhile; a name removed before its stat was taken is left out of it."""
 
     head = False  # read as readdir, never as bytes
     read_into = None  # type: ignore[assignment]  # Tread of a directory: read gives EISDIR
 
-    def __init__(self, fd: int, entries: list[m.Stat]) -> None:
+    def __init__(self, fd: int, names: list[os.DirEntry[str]], acct: Account | None) -> None:
         super().__init__(fd)
-        self.entries = entries
+        self.entries: list[m.Stat] = []  # stats taken so far, in order
+        self._names, self._next = names, 0  # and how far into the names they have reached
+        self._acct = acct
+        self._lock = trio.Lock()  # readdirs in flight take stats in order
 
     @classmethod
     async def load(cls, fd: int, acct: Account | None) -> DirHandle:
         try:
-            entries = await _thread(_listing, fd, _acct=acct)  # stats need search permission
+            names = await _thread(_names, fd, _acct=acct)
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, entries)
+        return cls(fd, names, acct)
 
     async def readdir(self, offset: int, count: int) -> list[m.Stat]:
+        if offset + count > len(self.entries) and self._next < len(self._names):
+            async with self._lock:
+                while offset + count > len(self.entries) and self._next < len(self._names):
+                    batch = self._names[self._next : self._next + max(count, 64)]
+                    # stats need search permission on the directory: the user's account's
+                    self.entries += await _thread(_stats, batch, _acct=self._acct)
+                    self._next += len(batch)
         return self.entries[offset : offset + count]
 
 
-def _listing(fd: int) -> list[m.Stat]:
+def _names(fd: int) -> list[os.DirEntry[str]]:
+    """The directory's entries (their stats come later, relative to ``fd``: DirEntry.stat
+    is fstatat on the descriptor given to scandir, which stays open with the handle)."""
     out = []
     with os.scandir(fd) as it:  # scandir works on a duplicate and leaves fd as it was
         for e in it:
             if not _fits_wire(e.name):
                 log.warning("not listing %r: its name is not UTF-8 or too long", e.name)
                 continue
-            try:
-                st = e.stat(follow_symlinks=False)  # fstatat relative to fd, never following
-            except FileNotFoundError:
-                continue  # removed while we listed
-            out.append(stat_of(st, e.name))
+            out.append(e)
+    return out
+
+
+def _stats(entries: list[os.DirEntry[str]]) -> list[m.Stat]:
+    out = []
+    for e in entries:
+        try:
+            st = e.stat(follow_symlinks=False)  # fstatat relative to fd, never following
+        except FileNotFoundError:
+            continue  # removed since it was listed
+        out.append(stat_of(st, e.name))
     return out

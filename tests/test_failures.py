@@ -397,6 +397,33 @@ def test_sigstop_node(cluster: list[NodeProc], mount: Path) -> None:
         waiter.wait(5)
 
 
+def test_a_listing_whose_node_stops_fails_and_never_hangs(
+    cluster: list[NodeProc], mount: Path
+) -> None:
+    """A big storage directory's entries arrive behind its open, never far ahead of the
+    reader: when the node stops mid-listing, reading on fails within the call deadline
+    (with a promised errno), and the listing is whole again once the node is back."""
+    n2 = by_name(cluster, "n2")
+    big = n2.export / "big"
+    big.mkdir()
+    for i in range(20000):  # far more than the mount fetches ahead of its reader
+        (big / f"f{i:05d}").touch()
+    path = mount / "n/n2/storage/big"
+    it = in_thread(lambda: os.scandir(path), META_TIMEOUT)  # the open: entries follow it
+    try:
+        n2.signal(signal.SIGSTOP)
+        try:
+            o = attempt(lambda: sum(1 for _ in it), META_TIMEOUT * 3)
+            assert o.err in PROMISED, (o.errname, o.value)
+            assert o.took < META_TIMEOUT + MARGIN, o.took
+        finally:
+            n2.signal(signal.SIGCONT)
+    finally:
+        it.close()
+    wait_until(lambda: usable(mount, "n2"), BACK_WITHIN, "n2 usable again")
+    assert len(in_thread(lambda: os.listdir(path), META_TIMEOUT * 3)) == 20000
+
+
 # -- jobs belong to the node ---------------------------------------------------------------------
 
 

@@ -753,3 +753,28 @@ def test_stat_of_a_whole_directory_lists_it_once(mount: Path, cluster: list[Node
     while sizes()[9] != 1000:
         assert time.monotonic() < with_deadline, "a change on the node's disk never showed"
     assert (mount / "n/n1/storage/ahead/f009").read_bytes() == b"y" * 1000
+
+
+def test_a_big_listing_streams_and_may_be_left_early(mount: Path, cluster: list[NodeProc]) -> None:
+    """A storage directory with no listing kept arrives behind the open, batch by batch,
+    never far ahead of its reader: a reader that stops early (`ls | head`) is fine, leaves
+    nothing half-listed behind, and the next reader gets every name, each with its size."""
+    d = cluster[0].export / "stream"
+    d.mkdir()
+    n = 9000  # more than STREAM_AHEAD and many batches
+    for i in range(n):
+        (d / f"f{i:05d}").write_bytes(b"x" * (i % 7))
+    prog = r"""
+import os, sys
+d = sys.argv[1]
+for _ in range(5):  # left early, five times
+    with os.scandir(d) as it:
+        first = next(it).name
+sizes = {e.name: e.stat(follow_symlinks=False).st_size for e in os.scandir(d)}
+print(len(sizes), all(sizes[f"f{i:05d}"] == i % 7 for i in range(int(sys.argv[2]))))
+"""
+    out = subprocess.run([sys.executable, "-c", prog, str(mount / "n/n1/storage/stream"), str(n)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(n), "True"]
+    assert int(sh("ls n/n1/storage/stream | wc -l", mount, timeout=60)) == n
