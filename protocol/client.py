@@ -467,14 +467,14 @@ class Client:
                 offset += len(data)
             return b"".join(chunks)
         finally:
-            await self._clunk_quietly(fid)
+            self.clunk_later(fid)  # closing has no effect to wait for: no round trip
 
     async def write_file(self, path: str, data: bytes, *, truncate: bool = True) -> int:
         fid = await self.open_path(path, m.OWRITE | (m.OTRUNC if truncate else 0))
         try:
             return await self.write(fid, 0, data)
         finally:
-            await self._clunk_quietly(fid)
+            self.clunk_later(fid)  # the write has taken effect (a ctl's) or failed
 
     async def list_dir(self, path: str) -> list[m.Stat]:
         fid = await self.open_path(path, m.OREAD)

@@ -371,7 +371,7 @@ class Job:
                 return
             text = json.dumps(self.meta())
             try:
-                await trio.to_thread.run_sync(_write_atomic, self.dir / "meta.json", text)
+                await workers.run(_write_atomic, self.dir / "meta.json", text)
             except OSError as e:
                 log.warning("job %d: cannot save its metadata: %s", self.id, e)
 
@@ -541,12 +541,16 @@ class JobTable:
         async with self._id_lock:
             jid, self._next = self._next, self._next + 1
             # the counter is on disk before the id is handed out: ids are never reused
-            await trio.to_thread.run_sync(_write_atomic, self.state / "next", f"{self._next}\n")
+            await workers.run(_write_atomic, self.state / "next", f"{self._next}\n")
         d = self.state / str(jid)
-        await trio.to_thread.run_sync(lambda: d.mkdir(mode=0o700))
         job = Job(jid, ctx.user, d, cwd=str(self.workdir))
-        for s in (job.stdout, job.stderr):
-            await trio.to_thread.run_sync(s.path.touch, 0o600)
+
+        def make() -> None:  # one trip to a thread for all of it
+            d.mkdir(mode=0o700)
+            for s in (job.stdout, job.stderr):
+                s.path.touch(0o600)
+
+        await workers.run(make)
         job.entry = self._entry(job)
         self.jobs[jid] = job
         await job.save()
@@ -593,7 +597,7 @@ class JobTable:
         caps = {"pids": int(job.limits.get("procs", DEFAULT_PROCS))}
         if "mem" in job.limits:
             caps["memory"] = int(job.limits["mem"])  # all its processes together
-        job.cgroups = await trio.to_thread.run_sync(self.cgroups.make, job.id, caps)
+        job.cgroups = await workers.run(self.cgroups.make, job.id, caps)
         try:
             proc = await trio.lowlevel.open_process(
                 job.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -720,7 +724,7 @@ class JobTable:
                 s.finish()
             job.ended.set()
         async with job.io_lock:
-            await trio.to_thread.run_sync(shutil.rmtree, job.dir, True)
+            await workers.run(shutil.rmtree, job.dir, True)
         log.info("job %d removed (%s)", job.id, why)
 
     # -- ctl words --------------------------------------------------------------------------
@@ -738,7 +742,7 @@ class JobTable:
         async def dir_(args: list[str]) -> None:
             job.check_new("dir")
             p = Path(args[0])
-            if not p.is_absolute() or not await trio.to_thread.run_sync(p.is_dir):
+            if not p.is_absolute() or not await workers.run(p.is_dir):
                 raise NineError("EINVAL", f"dir: {args[0]} is not an absolute path to a directory")
             job.cwd = str(p)
             await job.save()
@@ -812,7 +816,7 @@ class JobTable:
             job.check_owner(ctx)
             if mode & 3 != m.OREAD:
                 raise NineError("EACCES", "output is read-only")
-            fd = await trio.to_thread.run_sync(os.open, spool.path, os.O_RDONLY)
+            fd = await workers.run(os.open, spool.path, os.O_RDONLY)
             return SpoolReader(spool, fd)
 
         def open_stdin(ctx: Ctx, mode: int) -> Handle:

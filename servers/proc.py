@@ -18,10 +18,10 @@ import shlex
 import signal
 
 import psutil
-import trio
 
 from ninefs.protocol.errors import NineError
 
+from . import workers
 from .jobs import JobTable, parse_signal
 from .toolkit import Cmd, Ctl, Ctx, Dir, Entry, Text
 
@@ -129,7 +129,7 @@ class ProcDir(Dir):
 
     def _read(self, fn):  # noqa: ANN001, ANN202 - a tiny adapter
         async def read(ctx: Ctx) -> str:
-            return await trio.to_thread.run_sync(fn, self.pid, self.ctime)
+            return await workers.run(fn, self.pid, self.ctime)
 
         return read
 
@@ -165,7 +165,7 @@ class ProcDir(Dir):
             except psutil.AccessDenied:
                 raise NineError("EPERM", f"cannot signal process {self.pid}") from None
 
-        await trio.to_thread.run_sync(check_and_send)
+        await workers.run(check_and_send)
         log.info("%s sent SIG%s to process %d", ctx.user, sig.name.removeprefix("SIG"), self.pid)
 
 
@@ -181,7 +181,7 @@ def tree(jobs: JobTable) -> Dir:
         return out
 
     async def listing(ctx: Ctx) -> list[Entry]:
-        return [ProcDir(jobs, pid, ct) for pid, ct in await trio.to_thread.run_sync(scan)]
+        return [ProcDir(jobs, pid, ct) for pid, ct in await workers.run(scan)]
 
     def one(name: str) -> tuple[int, float] | None:
         try:
@@ -192,7 +192,7 @@ def tree(jobs: JobTable) -> Dir:
     async def lookup(ctx: Ctx, name: str) -> Entry | None:
         if not name.isdigit() or name.startswith("0"):
             return None
-        found = await trio.to_thread.run_sync(one, name)
+        found = await workers.run(one, name)
         return ProcDir(jobs, *found) if found else None
 
     return Dir("proc", listing, lookup=lookup)
