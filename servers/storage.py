@@ -475,6 +475,9 @@ class DirHandle(StorageHandle):
             raise
         return cls(fd, names, acct)
 
+    async def read(self, offset: int, count: int) -> bytes:
+        raise NineError("EISDIR", "a directory is read with readdir")
+
     async def readdir(self, offset: int, count: int) -> list[m.Stat]:
         if offset + count > len(self.entries) and self._next < len(self._names):
             async with self._lock:

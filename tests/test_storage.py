@@ -175,6 +175,11 @@ async def test_directories(client, node):
         fid = await walk(client, "d")
         with raises("EISDIR"):
             await client.open(fid, m.OWRITE)
+        await client.open(fid, m.OREAD)
+        with raises("EISDIR"):  # a directory is read with Treaddir, never Tread
+            await client.read(fid, 0, 100)
+        await client.clunk(fid)
+        fid = await walk(client, "d")
         with raises("EISDIR"):
             await client.wstat(fid, size=0)
         await client.clunk(fid)
