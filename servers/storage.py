@@ -426,7 +426,8 @@ class StorageHandle(Handle):
         except BlockingIOError:
             got = 0
         except OSError as e:
-            if e.errno != errno.EOPNOTSUPP:  # a filesystem without RWF_NOWAIT: a thread
+            # a filesystem (or kernel) without RWF_NOWAIT: the thread reads it all
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             got = 0
         if got == len(buf) or offset + got >= os.fstat(self._fd).st_size:
