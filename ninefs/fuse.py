@@ -48,7 +48,6 @@ STATAHEAD_AFTER = 8  # misses within LISTING_TTL that start it
 STATAHEAD_PER_ENTRY = 64  # ... and at least one per this many entries the last listing had
 STATAHEAD_MAX_DIR = 1 << 20  # a directory bigger than this (st_size) is never listed for it
 MAX_STATAHEAD_DIRS = 256  # directories whose misses are counted
-DIRENT_GUESS = 16  # bytes of a directory's st_size per entry, for one never listed (ext4)
 HEAD_BYTES = 64 << 10  # what an open for reading asks the node to send along (a small file)
 ENTRY_TTL = 1.0  # synthetic names are stable; their contents are never cached
 SIGNAL_POLL = 0.2
@@ -290,13 +289,13 @@ class NinefsOps(pyfuse3.Operations):
         if now - last > LISTING_TTL:
             misses = 0
         misses += 1
-        known = parent is not None and parent.src == NodeSrc(node, path) and parent.stat
-        if not known or parent.stat.size > STATAHEAD_MAX_DIR:
-            due = False
-        else:
-            # entries: as last listed, or guessed from the directory's size (never listed)
-            entries = size or parent.stat.size // DIRENT_GUESS
-            due = misses >= max(STATAHEAD_AFTER, entries // STATAHEAD_PER_ENTRY)
+        due = (
+            misses >= max(STATAHEAD_AFTER, size // STATAHEAD_PER_ENTRY)
+            and parent is not None
+            and parent.src == NodeSrc(node, path)
+            and parent.stat is not None
+            and parent.stat.size <= STATAHEAD_MAX_DIR
+        )
         self._misses[key] = (0 if due else misses, now, size)
         while len(self._misses) > MAX_STATAHEAD_DIRS:
             self._misses.popitem(last=False)
