@@ -271,15 +271,21 @@ class NinefsOps(pyfuse3.Operations):
         finally:
             del self._listing_now[key]
             done.set()
-        if self._list_gen.get(node, 0) != gen:
+        if not self._keep_listing(node, path, listing, gen):
             listing.until = now  # something changed while it was listed: use it, keep it not
-            return listing
+        return listing
+
+    def _keep_listing(self, node: str, path: tuple[str, ...], listing: Listing, gen: int) -> bool:
+        """Keep ``listing`` (taken from change count ``gen`` on) for reuse, unless this
+        mount changed something on the node while it was taken."""
+        if self._list_gen.get(node, 0) != gen:
+            return False
         mine = self._listings.setdefault(node, {})
         mine.pop(path, None)
         mine[path] = listing
         while len(mine) > MAX_LISTINGS:
             del mine[next(iter(mine))]  # the oldest
-        return listing
+        return True
 
     def _statahead_due(self, node: str, path: tuple[str, ...], parent: Vnode | None) -> bool:
         """Count a lookup that missed in a storage directory; True when listing it would
@@ -721,12 +727,7 @@ class NinefsOps(pyfuse3.Operations):
             try:
                 with stream.scope:
                     await client.read_dir(fid, take)
-                    if self._list_gen.get(src.node, 0) == gen:  # nothing changed meanwhile
-                        mine = self._listings.setdefault(src.node, {})
-                        mine.pop(src.path, None)
-                        mine[src.path] = Listing(until, listed)
-                        while len(mine) > MAX_LISTINGS:
-                            del mine[next(iter(mine))]
+                    self._keep_listing(src.node, src.path, Listing(until, listed), gen)
             except NineError as e:
                 stream.error = e
             finally:
