@@ -500,6 +500,11 @@ def _names(fd: int) -> list[os.DirEntry[str]]:
                 log.warning("not listing %r: its name is not UTF-8 or too long", e.name)
                 continue
             out.append(e)
+    if out:
+        # stats need search permission: without it the open fails, as it always has, not
+        # the first readdir (the stat is kept by the DirEntry)
+        with contextlib.suppress(FileNotFoundError):
+            out[0].stat(follow_symlinks=False)
     return out
 
 

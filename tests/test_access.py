@@ -311,6 +311,9 @@ async def test_storage_acts_as_the_mapped_account(tmp_path, started, account):
     (ex / "secret").chmod(0o600)
     (ex / "locked").mkdir(mode=0o700)
     (ex / "locked" / "inside").write_text("x")
+    (ex / "names").mkdir()
+    (ex / "names" / "only").write_text("x")
+    (ex / "names").chmod(0o744)  # others may read the names, not search it for their stats
     home = ex / "home"
     home.mkdir()
     os.chown(home, account.pw_uid, account.pw_gid)
@@ -327,6 +330,7 @@ async def test_storage_acts_as_the_mapped_account(tmp_path, started, account):
             await denied(c.write_file, "/storage/public", b"changed")
             await denied(c.read_file, "/storage/locked/inside")  # no search permission
             await denied(c.list_dir, "/storage/locked")
+            await denied(c.open_path, "/storage/names", m.OREAD)  # at the open: listings have stats
             fid = await c.walk_path("/storage")
             await denied(c.create, fid, "new", 0o644, m.OWRITE)  # the export is root's
             await c.clunk(fid)
@@ -359,7 +363,8 @@ async def test_storage_acts_as_the_mapped_account(tmp_path, started, account):
         # it writes its own root-only state for a job, which runs as the account
         assert (ex / "public").read_text() == "for everyone\n"
         assert (ex / "secret").read_text() == "root only\n"
-        assert sorted(p.name for p in ex.iterdir()) == ["home", "locked", "public", "secret"]
+        names = sorted(p.name for p in ex.iterdir())
+        assert names == ["home", "locked", "names", "public", "secret"]
         async with connect(node.addr, who.key, who.user, known(who)) as c:
             wait, out, _ = await run(c, "exec /usr/bin/id -u")
             assert (wait, out) == ("exit 0", f"{account.pw_uid}\n")
