@@ -6,8 +6,9 @@
     /jobs/<id>/{stdin,stdout,stderr,wait}
 
 A job belongs to the node, not to a connection: the JobTable's own nursery (started by the
-daemon) owns every child and its supervisor, so a client that goes away leaves its jobs
-running. Output goes to spool files under state/<id>/ so that a reader who comes late, or
+daemon) owns every job's supervisor, so a client that goes away leaves its jobs running.
+The processes themselves are started (and reaped) by the node's fork server
+(servers/spawner.py), which is far cheaper to fork than the daemon. Output goes to spool files under state/<id>/ so that a reader who comes late, or
 after a restart, reads everything from the start; each job's metadata is kept there as
 json. A reader at the end of a spool waits on a trio Event, never polls.
 """
@@ -15,7 +16,6 @@ json. A reader at the end of a spool waits on a trio Event, never polls.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import math
@@ -26,7 +26,6 @@ import resource
 import shlex
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from ninefs.protocol.fs import Handle
 from . import workers
 from .accounts import Policy
 from .cgroups import DEFAULT_PROCS, JobGroups
+from .spawner import Child, SetupError, Spawner
 from .toolkit import Cmd, Ctl, Ctx, Dir, Entry, Stream, Text
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,6 @@ STATES = ("new", "running", "exited", "signalled", "failed", "lost")
 ENDED = ("exited", "signalled", "failed", "lost")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SIZE = re.compile(r"(\d+)([KMGkmg]?)\Z")
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded now: the child must not dlopen after fork
-PR_SET_NO_NEW_PRIVS = 38
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -94,38 +92,16 @@ def _parse_limit(kind: str, value: str) -> float:
     return n
 
 
-def _preexec(
-    limits: dict[str, float],
-    pw: pwd.struct_passwd | None,
-    cgroups: list[Path],
-    pids_cgroup: bool,
-) -> Callable[[], None]:
-    """In the child, between fork and exec: into the job's cgroups (while still root),
-    then the job's account (groups, gid, uid: as subprocess's user= would), then no new
-    privileges from here on (setuid bits and file capabilities are ignored by exec), then
-    the job's rlimits. Without a pids cgroup, `limit procs` is RLIMIT_NPROC."""
+def _rlimits(limits: dict[str, float], pids_cgroup: bool) -> list[tuple[int, int, int]]:
+    """The job's rlimits as (resource, soft, hard minus soft), set by its child after it
+    has become the job's account (servers/spawn_server.py). Without a pids cgroup,
+    `limit procs` is RLIMIT_NPROC."""
     table = [
         (resource.RLIMIT_CPU, "cpu", 1),  # hard one second later: SIGXCPU first, then KILL
         (resource.RLIMIT_AS, "mem", 0),
         *([] if pids_cgroup else [(resource.RLIMIT_NPROC, "procs", 0)]),
     ]
-    todo = [(res, int(limits[k]), extra) for res, k, extra in table if k in limits]
-    groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw is not None else []
-
-    def apply() -> None:
-        JobGroups.join(cgroups)
-        if pw is not None:
-            os.setgroups(groups)
-            os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
-            os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
-        if _LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-        for res, n, extra in todo:
-            _, hard = resource.getrlimit(res)
-            top = hard if hard != resource.RLIM_INFINITY else n + extra
-            resource.setrlimit(res, (min(n, top), min(n + extra, top)))
-
-    return apply
+    return [(res, int(limits[k]), extra) for res, k, extra in table if k in limits]
 
 
 def _clean_env(pw: pwd.struct_passwd | None = None) -> dict[str, str]:
@@ -282,7 +258,7 @@ class Job:
     error: str = ""
 
     def __post_init__(self) -> None:
-        self.proc: trio.Process | None = None
+        self.proc: Child | None = None
         self.stdout = Spool(self.dir / "stdout")
         self.stderr = Spool(self.dir / "stderr")
         self.ended = trio.Event()
@@ -299,7 +275,7 @@ class Job:
     @property
     def alive(self) -> bool:
         """The child is running and not yet reaped (so its pid cannot have been reused)."""
-        return self.proc is not None and self.proc.returncode is None
+        return self.proc is not None and not self.proc.ended
 
     def cmd_text(self) -> str:
         if self.mode == "run":
@@ -406,6 +382,7 @@ class JobTable:
         self.state, self.node, self.keep = state, node, keep
         self.policy = policy or Policy(node)  # which account a user's job runs as
         self.cgroups = JobGroups.open(node, state)
+        self.spawner = Spawner()  # starts every job's process (servers/spawn_server.py)
         self.max_per_user = max_per_user  # jobs not yet ended, per user
         self._making: dict[str, int] = {}
         self.workdir = workdir or state  # where a job runs unless it says `dir`
@@ -464,12 +441,18 @@ class JobTable:
         """Own the children and the reaper until cancelled. On cancellation every running
         job's supervisor stops its child (SIGTERM, a grace, SIGKILL) and records the end."""
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await self._sweep()  # what expired while the daemon was down goes first
-                nursery.start_soon(self._reaper)
-                task_status.started()
-                await trio.sleep_forever()
+            async with trio.open_nursery() as outer:
+                # the fork server outlives every supervisor: they wait on it as they stop
+                await outer.start(self.spawner.run)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        await self._sweep()  # what expired while the daemon was down goes first
+                        nursery.start_soon(self._reaper)
+                        task_status.started()
+                        await trio.sleep_forever()
+                finally:
+                    self.spawner.close()
         finally:
             self.cgroups.close()
 
@@ -576,9 +559,9 @@ class JobTable:
             self._ended(job)
             await job.save()
             raise NineError(e.errno or 5, job.error) from None
-        except subprocess.SubprocessError as e:
+        except SetupError as e:
             job.state, job.end, job.exit = "failed", time.time(), 126
-            job.error = f"{mode}: cannot set limits: {e}"
+            job.error = f"{mode}: cannot set up the job: {e}"
             self._ended(job)
             await job.save()
             raise NineError("EINVAL", job.error) from None
@@ -599,10 +582,10 @@ class JobTable:
             caps["memory"] = int(job.limits["mem"])  # all its processes together
         job.cgroups = await workers.run(self.cgroups.make, job.id, caps)
         try:
-            proc = await trio.lowlevel.open_process(
-                job.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=job.cwd, env=env, start_new_session=True,
-                preexec_fn=_preexec(job.limits, pw, job.cgroups, "pids" in self.cgroups.has),
+            acct = (pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)) if pw else None
+            proc = await self.spawner.spawn(
+                job.argv, env, job.cwd, acct, job.cgroups,
+                _rlimits(job.limits, "pids" in self.cgroups.has),
             )  # fmt: skip
         except BaseException:
             self.cgroups.remove(job.cgroups)
@@ -632,7 +615,7 @@ class JobTable:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                if proc.returncode is None:  # the daemon is stopping: stop the child first
+                if not proc.ended:  # the daemon is stopping: stop the child first
                     await self._stop(job, proc)
                 await self._finish(job, proc)
 
@@ -640,7 +623,7 @@ class JobTable:
         t = job.limits.get("time")
         return trio.current_time() + t if t else math.inf
 
-    async def _pumps(self, proc: trio.Process, job: Job, drained: trio.Event) -> None:
+    async def _pumps(self, proc: Child, job: Job, drained: trio.Event) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, proc.stdout, job.stdout)
             nursery.start_soon(self._pump, proc.stderr, job.stderr)
@@ -656,17 +639,17 @@ class JobTable:
             spool.finish()
             await pipe.aclose()
 
-    async def _stop(self, job: Job, proc: trio.Process) -> None:
+    async def _stop(self, job: Job, proc: Child) -> None:
         job.error = "the node's daemon stopped"
         self._signal_group(job, signal.SIGTERM)
         with trio.move_on_after(STOP_GRACE):
             await proc.wait()
-        if proc.returncode is None:
+        if not proc.ended:
             self._signal_group(job, signal.SIGKILL)
             with trio.move_on_after(STOP_GRACE):
                 await proc.wait()
 
-    async def _finish(self, job: Job, proc: trio.Process) -> None:
+    async def _finish(self, job: Job, proc: Child) -> None:
         await self._drop_cgroup(job)
         for s in (job.stdout, job.stderr):
             if not s.done:
@@ -679,7 +662,9 @@ class JobTable:
             job.state, job.signal = "signalled", signame(-rc)
         else:
             job.state, job.exit = "exited", rc
-        if job.error == "the node's daemon stopped":
+        if rc is None:  # the fork server that was its parent died: its status went with it
+            job.error = job.error or "the node's fork server stopped while it ran"
+        if job.error == "the node's daemon stopped" or rc is None:
             job.state = "lost"  # it did not end by itself: nobody knows how it would have
         log.info("job %d ended: %s", job.id, job.wait_line().strip())
         self._ended(job)

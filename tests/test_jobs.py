@@ -474,6 +474,46 @@ async def test_daemon_crash_loses_running_jobs(node: NodeProc, identity: Identit
     await wait_gone(pid)
 
 
+def _fork_server(node: NodeProc) -> psutil.Process:
+    (one,) = [p for p in psutil.Process(node.proc.pid).children()
+              if any("spawn_server" in a for a in p.cmdline())]  # fmt: skip
+    return one
+
+
+async def test_fork_server_death_loses_its_jobs_and_the_next_launch_starts_another(
+    client: Client, node: NodeProc
+) -> None:
+    """Jobs are the children of the node's fork server: if it dies, their statuses die with
+    it. Each is then lost (and its process group ended), never left running unsupervised
+    or reported as a clean exit, and the next launch starts a new fork server."""
+    with trio.fail_after(T):
+        jid = await start(client, "exec sleep 60")
+        pid = int((await status(client, jid))["pid"])
+        server = _fork_server(node)
+        assert psutil.Process(pid).ppid() == server.pid  # the daemon forks nothing itself
+        server.kill()
+        assert await read(client, jid, "wait") == "lost\n"
+        st = await status(client, jid)
+        assert st["state"] == "lost" and "fork server" in st["error"], st
+        await wait_gone(pid)
+        again = await start(client, "exec echo again")
+        assert await read(client, again, "wait") == "exit 0\n"
+        assert await read(client, again, "stdout") == "again\n"
+        assert _fork_server(node).pid != server.pid
+
+
+async def test_a_directory_gone_before_exec_fails_the_launch(client: Client, tmp_path: Path):
+    with trio.fail_after(T):
+        work = tmp_path / "work"
+        work.mkdir()
+        jid = await clone(client)
+        await ctl(client, jid, f"dir {work}")
+        work.rmdir()
+        await expect_error("ENOENT", ctl(client, jid, "exec /bin/true"))
+        st = await status(client, jid)
+        assert st["state"] == "failed" and "No such file" in st["error"], st
+
+
 async def test_finished_jobs_are_kept_only_keep_seconds(tmp_path: Path, identity: Identity):
     node = make_node(tmp_path, "short", identity, args=["--keep", "0.2"])
     await trio.to_thread.run_sync(node.start)
