@@ -49,6 +49,10 @@ STATAHEAD_PER_ENTRY = 64  # ... and at least one per this many entries the last 
 STATAHEAD_MAX_DIR = 1 << 20  # a directory bigger than this (st_size) is never listed for it
 MAX_STATAHEAD_DIRS = 256  # directories whose misses are counted
 HEAD_BYTES = 64 << 10  # what an open for reading asks the node to send along (a small file)
+READAHEAD = 2 << 20  # bytes a streaming read asks the node for at once (two FUSE reads)
+READAHEAD_FROM = 256 << 10  # a read this big is the kernel streaming a file: read ahead
+READAHEAD_TTL = STORAGE_TTL  # seconds fetched bytes may wait for the read that wants them
+MAX_READAHEAD = 32  # windows held over the whole mount (64 MiB); past it, plain reads
 ENTRY_TTL = 1.0  # synthetic names are stable; their contents are never cached
 SIGNAL_POLL = 0.2
 CONNECT_WAIT = 5.0  # seconds a `mount` written to /ctl waits for the node to connect
@@ -72,6 +76,7 @@ class Vnode:
     stat_until: float = 0.0  # trio time after which a storage stat may no longer be cached
     version: int | None = None  # qid.version when last opened (for keep_cache)
     behind: set[WriteBehind] = field(default_factory=set)  # of its handles open for writing
+    changes: int = 0  # writes and truncates this mount made to it (read-ahead's check)
 
     @property
     def storage(self) -> bool:
@@ -115,6 +120,19 @@ class Streaming:
 
 
 @dataclass(eq=False)
+class Window:
+    """Bytes of a file fetched ahead of the kernel's reads: one Tread of READAHEAD answers
+    the FUSE reads (1 MiB each) that fall in it. Good while the vnode's ``changes`` is
+    ``changes`` and until ``until``."""
+
+    changes: int
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | bytearray | None = None  # None: not yet, or it failed
+    until: float = 0.0
+    error: NineError | None = None
+
+
+@dataclass(eq=False)
 class OpenFile:
     vnode: Vnode
     pid: int
@@ -129,6 +147,8 @@ class OpenFile:
     head_all: bool = False  # head is the whole file (it came up short)
     behind: WriteBehind | None = None  # a storage file open for writing: its queued writes
     streaming: Streaming | None = None  # a directory whose listing is still arriving
+    ahead: dict[int, Window] | None = None  # a storage file open read-only: by offset
+    read_end: int = 0  # where the last read ended: only a read from there starts a window
     # a directory's listing: name, place (None: resolve it when listed), kind, node's stat
     # and until when that stat may be cached
     entries: list[tuple[str, NodeSrc | LocalSrc | None, str, m.Stat | None, float]] = field(
@@ -201,6 +221,7 @@ class NinefsOps(pyfuse3.Operations):
         self._next_fh = 1
         self.on_init: Callable[[], None] | None = None  # runs once FUSE_INIT is answered
         self._write_slots = trio.Semaphore(MOUNT_SLOTS)  # queued writes, all files together
+        self._windows = 0  # read-ahead windows held, over all open files
         # node -> storage directory -> (when it goes stale, its entries): `ls -l` again
         # within a second lists from here. Anything this mount changes on a node, and a
         # node's loss or return, drops that node's listings (_changed).
@@ -601,6 +622,7 @@ class NinefsOps(pyfuse3.Operations):
             try:
                 await client.wstat(fid, **changes)
             finally:
+                v.changes += 1
                 self._changed(v.src.node)
         self._set_stat(v, await client.stat(fid))
         return self._attrs(v)
@@ -805,6 +827,8 @@ class NinefsOps(pyfuse3.Operations):
         synthetic = bool(r.flags & m.OF_SYNTHETIC) or not v.storage
         if not synthetic:
             self._write_behind(of, client, flags)
+            if mode & 3 == m.OREAD and not r.flags & m.OF_STREAM:
+                of.ahead = {}
         keep = not synthetic and v.version == r.qid.version
         v.version = r.qid.version
         if not synthetic and v.stat is not None and v.stat.qid.version != r.qid.version:
@@ -903,6 +927,58 @@ class NinefsOps(pyfuse3.Operations):
             raise NineError("EIO", f"the connection to {of.node} that opened this file is gone")
         return of, conn.client
 
+    async def _read_ahead(
+        self, of: OpenFile, client: Client, off: int, size: int
+    ) -> memoryview | None:
+        """``size`` bytes at ``off`` from the window that holds them, fetching it (one
+        Tread of READAHEAD for the reads the kernel has in flight at once, and the next).
+        None: read it the plain way (no room for another window, or its fetch was
+        cancelled). A window is dropped once the vnode changed here, or after
+        READAHEAD_TTL: no older than what the kernel's page cache would keep."""
+        span = min(READAHEAD, client.iounit)
+        if span < 2 * size:
+            return None
+        assert of.ahead is not None
+        start = off - off % span
+        now = trio.current_time()
+        sequential, of.read_end = off == of.read_end, off + size
+        win = of.ahead.get(start)
+        if win is not None and (
+            win.changes != of.vnode.changes or (win.done.is_set() and win.until <= now)
+        ):
+            self._drop_window(of, start)
+            win = None
+        if win is None:
+            if self._windows >= MAX_READAHEAD or not sequential:
+                return None  # a read out of sequence (random access) fetches only itself
+            for old in [k for k in of.ahead if k != start - span]:
+                self._drop_window(of, old)  # a handle keeps this window and the one before
+            win = of.ahead[start] = Window(of.vnode.changes)
+            self._windows += 1
+            try:
+                win.data = await client.read(of.fid, start, span)
+                win.until = trio.current_time() + READAHEAD_TTL
+            except NineError as e:
+                win.error = e
+                self._drop_window(of, start)
+                raise
+            except BaseException:
+                self._drop_window(of, start)
+                raise
+            finally:
+                win.done.set()
+        else:
+            await win.done.wait()
+            if win.error is not None:
+                raise win.error
+            if win.data is None:
+                return None  # its fetch was cancelled (an interrupted read): ask again
+        return memoryview(win.data)[off - start : off - start + size]
+
+    def _drop_window(self, of: OpenFile, start: int) -> None:
+        if of.ahead is not None and of.ahead.pop(start, None) is not None:
+            self._windows -= 1
+
     @_fuse_errors
     async def read(self, fh, off, size):
         of, client = self._open_file(fh)
@@ -922,6 +998,12 @@ class NinefsOps(pyfuse3.Operations):
         if not of.flags & m.OF_STREAM:
             if of.eof_at is not None and off >= of.eof_at:
                 return b""  # a snapshot that already came up short: the end, no round trip
+            if of.ahead is not None and size >= READAHEAD_FROM and not of.vnode.behind:
+                ahead = await self._read_ahead(of, client, off, size)
+                if ahead is not None:
+                    return ahead
+            if of.ahead is not None:
+                of.read_end = off + size
             want = min(size, client.iounit)
             data = await client.read(of.fid, off, want)
             if of.flags & m.OF_SYNTHETIC and len(data) < want:
@@ -963,6 +1045,7 @@ class NinefsOps(pyfuse3.Operations):
                 return await of.behind.write(off, bytes(buf))
             return await client.write(of.fid, off, buf)
         finally:
+            of.vnode.changes += 1
             self._changed(of.node)  # and again once queued writes have landed (flush)
 
     @_fuse_errors
@@ -986,6 +1069,9 @@ class NinefsOps(pyfuse3.Operations):
 
     async def release(self, fh):
         of = self.files.pop(fh, None)
+        if of is not None and of.ahead:
+            for start in list(of.ahead):
+                self._drop_window(of, start)
         if of is not None and of.behind is not None:
             await of.behind.settle()  # every close flushed; this is for the clunk's sake
             of.vnode.behind.discard(of.behind)

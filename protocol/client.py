@@ -24,7 +24,7 @@ from .transport import Channel, ConnectionClosed, dial, take
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MSIZE = 2 << 20
+DEFAULT_MSIZE = 4 << 20
 META_TIMEOUT = 5.0  # seconds for a metadata call
 DATA_TIMEOUT = 30.0  # seconds for a read or write of data
 BIG_WRITE = 64 << 10  # Twrites at least this long are laid out in their frame directly

@@ -32,7 +32,7 @@ from .transport import Channel, ConnectionClosed, take
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MSIZE = 2 << 20
+DEFAULT_MSIZE = 4 << 20
 BIG_READ = 64 << 10  # reads at least this long go straight into their reply's frame
 FAIR_EVERY = 16  # requests handled in line between yields to the other connections
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -753,6 +754,43 @@ def test_stat_of_a_whole_directory_lists_it_once(mount: Path, cluster: list[Node
     while sizes()[9] != 1000:
         assert time.monotonic() < with_deadline, "a change on the node's disk never showed"
     assert (mount / "n/n1/storage/ahead/f009").read_bytes() == b"y" * 1000
+
+
+def test_a_streamed_read_is_fetched_in_big_windows_and_never_stale(
+    mount: Path, cluster: list[NodeProc]
+) -> None:
+    """Read-ahead: a file read from start to end costs the node one Tread per READAHEAD
+    (two of the kernel's 1 MiB reads), and every byte is right; a read out of sequence
+    fetches only itself; a write through the mount is seen by a reader whose window held
+    the old bytes."""
+    size = 24 << 20
+    blob = hashlib.sha256(b"seed").digest() * (size // 32)
+    (cluster[0].export / "big.bin").write_bytes(blob)
+    path = mount / "n/n1/storage/big.bin"
+
+    before = _requests(mount)
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(blob).digest()
+    used = _requests(mount) - before
+    assert used <= 18, f"24 MiB read in {used} requests"  # 1 MiB Treads: over 24
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off in (20 << 20, 3 << 20, 11 << 20, 7 << 20):  # out of sequence: still right
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.pread(fd, 1 << 20, off) == blob[off : off + (1 << 20)]
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(fd, 1 << 20, 0) == blob[: 1 << 20]  # windows from 0 are held now
+        new = b"N" * 4096
+        with open(path, "r+b") as w:
+            w.seek((1 << 20) + 12345)
+            w.write(new)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the kernel forgets its copy
+        got = os.pread(fd, 1 << 20, 1 << 20)
+        assert got[12345 : 12345 + 4096] == new, "a window kept bytes the mount overwrote"
+        assert got[:12345] == blob[1 << 20 : (1 << 20) + 12345]
+    finally:
+        os.close(fd)
 
 
 def test_a_big_listing_streams_and_may_be_left_early(mount: Path, cluster: list[NodeProc]) -> None:
