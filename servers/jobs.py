@@ -367,7 +367,8 @@ class Job:
 
 
 class JobTable:
-    """Every job on the node. ``run`` (in the daemon's nursery) owns the children."""
+    """Every job on the node. ``run`` (in the daemon's nursery) owns the fork server and
+    every job's supervisor."""
 
     def __init__(
         self,
@@ -438,8 +439,9 @@ class JobTable:
     # -- the daemon's side ----------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the children and the reaper until cancelled. On cancellation every running
-        job's supervisor stops its child (SIGTERM, a grace, SIGKILL) and records the end."""
+        """Own the fork server, the supervisors and the reaper until cancelled. On
+        cancellation every running job's supervisor stops its child (SIGTERM, a grace,
+        SIGKILL) and records the end; the fork server goes last."""
         try:
             async with trio.open_nursery() as outer:
                 # the fork server outlives every supervisor: they wait on it as they stop
