@@ -973,7 +973,10 @@ class NinefsOps(pyfuse3.Operations):
                 raise win.error
             if win.data is None:
                 return None  # its fetch was cancelled (an interrupted read): ask again
-        return memoryview(win.data)[off - start : off - start + size]
+        data = win.data
+        if off - start + size > len(data) and len(data) < span:
+            return None  # past where the file ended when fetched: the node says where now
+        return memoryview(data)[off - start : off - start + size]
 
     def _drop_window(self, of: OpenFile, start: int) -> None:
         if of.ahead is not None and of.ahead.pop(start, None) is not None:
