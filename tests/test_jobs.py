@@ -436,8 +436,10 @@ async def test_daemon_restart_keeps_finished_jobs(node: NodeProc, identity: Iden
             running = await start(c, "exec sleep 60")
             pid = int((await status(c, running))["pid"])
             fresh = await clone(c)  # made, never started
+            server = _fork_server(node)
     await trio.to_thread.run_sync(node.stop)  # SIGTERM: the daemon stops its jobs
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    await wait_gone(server.pid)  # and its fork server, last
     await trio.to_thread.run_sync(node.start)
     with trio.fail_after(T):
         async with connected(node, identity) as c:
@@ -461,7 +463,9 @@ async def test_daemon_crash_loses_running_jobs(node: NodeProc, identity: Identit
         async with connected(node, identity) as c:
             jid = await start(c, "exec sleep 60")
             pid = int((await status(c, jid))["pid"])
+            server = _fork_server(node)
     await trio.to_thread.run_sync(node.kill)  # SIGKILL: no chance to record anything
+    await wait_gone(server.pid)  # the fork server sees its daemon go, and goes
     assert psutil.pid_exists(pid)  # its own session: it outlived the daemon
     await trio.to_thread.run_sync(node.start)
     with trio.fail_after(T):
