@@ -566,7 +566,7 @@ class JobTable:
             job.error = f"{mode}: cannot set up the job: {e}"
             self._ended(job)
             await job.save()
-            raise NineError("EINVAL", job.error) from None
+            raise NineError(e.errno, job.error) from None
         except BaseException:
             if job.proc is None:  # cancelled (a Tflush) while spawning: nothing runs
                 job.state, job.end, job.exit = "failed", time.time(), 126

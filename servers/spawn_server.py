@@ -170,6 +170,9 @@ def main(fd: int) -> None:
                 return
             try:
                 reply = _spawn(req, fds)
+            except Exception as e:  # fork failing (EAGAIN) fails this job, not the others
+                code = getattr(e, "errno", None) or errno.EINVAL
+                reply = {"id": req.get("id"), "stage": "setup", "errno": code, "error": str(e)}
             finally:
                 for f in fds:
                     os.close(f)

@@ -38,7 +38,12 @@ SPAWN_TIMEOUT = 30.0  # a fork server that neither starts a job nor fails it in 
 
 
 class SetupError(Exception):
-    """The child could not be set up (cgroups, account, limits) before exec."""
+    """The child could not be made or set up (cgroups, account, limits) before exec;
+    ``errno`` says why where there is one (EAGAIN: the fork server could not fork)."""
+
+    def __init__(self, message: str, errno_: int = errno.EAGAIN) -> None:
+        super().__init__(message)
+        self.errno = errno_
 
 
 @dataclass
@@ -85,6 +90,8 @@ class Spawner:
                 await self._wanted.wait()
                 try:
                     await self._serve()
+                except Exception:  # a bug here must not take the daemon's jobs table down
+                    log.exception("the fork server's connection failed")
                 finally:
                     self._wanted = trio.Event()
                     self._ready = trio.Event()
@@ -111,10 +118,12 @@ class Spawner:
         finally:
             sock, self._sock = self._sock, None
             sock.close()  # the fork server sees the end and exits
-            with trio.CancelScope(shield=True), trio.move_on_after(5) as late:
-                await proc.wait()
-            if late.cancelled_caught:
-                proc.kill()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(5) as late:
+                    await proc.wait()
+                if late.cancelled_caught:
+                    proc.kill()
+                    await proc.wait()
             self._lost()
 
     async def _read(self, sock: trio.socket.SocketType) -> None:
@@ -225,4 +234,4 @@ class Spawner:
             raise SetupError(f"the fork server did not answer in {SPAWN_TIMEOUT:g}s")
         if reply["stage"] in ("exec", "dir"):
             raise OSError(reply["errno"], reply["error"])
-        raise SetupError(reply["error"])
+        raise SetupError(reply["error"], reply.get("errno") or errno.EINVAL)

@@ -6,6 +6,7 @@ reading `wait`, `stdout` or another file that blocks until the thing has happene
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -504,6 +505,38 @@ async def test_fork_server_death_loses_its_jobs_and_the_next_launch_starts_anoth
         assert await read(client, again, "wait") == "exit 0\n"
         assert await read(client, again, "stdout") == "again\n"
         assert _fork_server(node).pid != server.pid
+
+
+async def test_a_fork_that_fails_fails_only_its_own_launch(client: Client, node: NodeProc):
+    """The fork server cannot fork (its pids cgroup is full): that launch fails with
+    EAGAIN and the reason, and the jobs it already runs are not touched."""
+    pids = Path("/sys/fs/cgroup/pids")
+    if not (pids / "cgroup.procs").exists():
+        pytest.skip("no cgroup v1 pids hierarchy here")
+    with trio.fail_after(T):
+        first = await start(client, "run read line; echo got $line")  # waits on stdin
+        server = _fork_server(node)
+        home = next(line.split(":", 2)[2] for line in open(f"/proc/{server.pid}/cgroup")
+                    if line.split(":")[1] == "pids")  # fmt: skip
+        full = pids / f"ninefs-test-{os.getpid()}"
+        full.mkdir()
+        try:
+            (full / "pids.max").write_text("1")
+            (full / "cgroup.procs").write_text(str(server.pid))  # it alone: no room to fork
+            jid = await clone(client)
+            err = await expect_error("EAGAIN", ctl(client, jid, "exec /bin/true"))
+            assert "cannot set up" in err.message, err
+            assert (await status(client, jid))["state"] == "failed"
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # it may have died (a bug)
+                (pids / home.strip().lstrip("/") / "cgroup.procs").write_text(str(server.pid))
+            full.rmdir()
+        await client.write_file(f"/jobs/{first}/stdin", b"hello\n")
+        assert await read(client, first, "wait") == "exit 0\n"
+        assert await read(client, first, "stdout") == "got hello\n"
+        again = await start(client, "exec echo fine")
+        assert await read(client, again, "stdout") == "fine\n"
+        assert _fork_server(node).pid == server.pid  # the same one all along
 
 
 async def test_a_directory_gone_before_exec_fails_the_launch(client: Client, tmp_path: Path):
