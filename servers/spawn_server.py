@@ -146,6 +146,7 @@ def _reap(sock: socket.socket) -> None:
 
 def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)  # a job must never hold the daemon's end (and _child closes all)
     sock.setblocking(True)
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon says when: end of file

@@ -507,6 +507,15 @@ async def test_fork_server_death_loses_its_jobs_and_the_next_launch_starts_anoth
         assert _fork_server(node).pid != server.pid
 
 
+async def test_a_job_holds_no_descriptor_but_its_own_three(client: Client) -> None:
+    """Nothing of the daemon or of its fork server (the socket that starts jobs as root)
+    reaches a job: it has stdin, stdout and stderr, and only what it opens itself."""
+    with trio.fail_after(T):
+        jid = await start(client, "exec ls /proc/self/fd")
+        assert await read(client, jid, "wait") == "exit 0\n"
+        assert (await read(client, jid, "stdout")).split() == ["0", "1", "2", "3"]  # 3: ls's
+
+
 async def test_a_fork_that_fails_fails_only_its_own_launch(client: Client, node: NodeProc):
     """The fork server cannot fork (its pids cgroup is full): that launch fails with
     EAGAIN and the reason, and the jobs it already runs are not touched."""
