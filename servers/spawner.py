@@ -217,8 +217,8 @@ class Spawner:
                         while sent < len(data):
                             sent += await sock.send(data[sent:])
                     reply = await receive.receive()
-        except (OSError, trio.ClosedResourceError) as e:
-            reply = {"stage": "setup", "error": f"the fork server: {e}"}
+        except (OSError, trio.ClosedResourceError) as e:  # it went away as we asked
+            reply = {"stage": "setup", "errno": errno.EAGAIN, "error": f"the fork server: {e}"}
         finally:
             for fd in theirs:
                 os.close(fd)
