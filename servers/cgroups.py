@@ -13,7 +13,8 @@ per-process RLIMIT_AS, and ending a job kills every member. Without them, jobs f
 to rlimits and the process group (servers/jobs.py).
 
 The child joins its cgroups itself, between fork and exec, while it is still root; only
-then does it become the job's account (a process may always move itself while root).
+then does it become the job's account (a process may always move itself while root). The
+fork server does that (servers/spawn_server.py): this module makes, kills and removes.
 """
 
 from __future__ import annotations
@@ -123,13 +124,6 @@ class JobGroups:
             if c in limits:
                 (d / limit_file).write_text(f"{limits[c]}\n")
         return dirs
-
-    @staticmethod
-    def join(dirs: list[Path]) -> None:
-        """Move the calling process into ``dirs`` (in the child, before exec)."""
-        for d in dirs:
-            with open(d / "cgroup.procs", "w") as f:
-                f.write("0\n")  # 0: the writer itself
 
     @staticmethod
     def members(dirs: list[Path]) -> set[int]:

@@ -8,9 +8,10 @@
 A job belongs to the node, not to a connection: the JobTable's own nursery (started by the
 daemon) owns every job's supervisor, so a client that goes away leaves its jobs running.
 The processes themselves are started (and reaped) by the node's fork server
-(servers/spawner.py), which is far cheaper to fork than the daemon. Output goes to spool files under state/<id>/ so that a reader who comes late, or
-after a restart, reads everything from the start; each job's metadata is kept there as
-json. A reader at the end of a spool waits on a trio Event, never polls.
+(servers/spawner.py), which is far cheaper to fork than the daemon. Output goes to spool
+files under state/<id>/ so that a reader who comes late, or after a restart, reads
+everything from the start; each job's metadata is kept there as json. A reader at the
+end of a spool waits on a trio Event, never polls.
 """
 
 from __future__ import annotations
