@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import queue
 import random
@@ -422,6 +423,36 @@ def test_a_listing_whose_node_stops_fails_and_never_hangs(
         it.close()
     wait_until(lambda: usable(mount, "n2"), BACK_WITHIN, "n2 usable again")
     assert len(in_thread(lambda: os.listdir(path), META_TIMEOUT * 3)) == 20000
+
+
+def test_a_read_ahead_whose_node_stops_fails_and_never_hangs(
+    cluster: list[NodeProc], mount: Path
+) -> None:
+    """A file read in sequence is fetched ahead of the kernel's reads, several reads
+    waiting on one fetch: when the node stops mid-file, each of them fails within the data
+    deadline (with a promised errno), none hangs, and the file reads whole once it is back."""
+    n2 = by_name(cluster, "n2")
+    block = hashlib.sha256(b"ahead").digest() * (1 << 15)  # 1 MiB
+    with open(n2.export / "long.bin", "wb") as f:
+        for _ in range(64):
+            f.write(block)
+    path = mount / "n/n2/storage/long.bin"
+    f = in_thread(lambda: open(path, "rb"), META_TIMEOUT)
+    try:
+        assert in_thread(lambda: f.read(4 << 20), DATA_TIMEOUT) == block * 4
+        n2.signal(signal.SIGSTOP)
+        try:
+            o = attempt(lambda: f.read(), DATA_TIMEOUT * 3)  # the other 60 MiB
+            assert o.err in PROMISED, (o.errname, None if o.value is None else len(o.value))
+            assert o.took < DATA_TIMEOUT + MARGIN, o.took
+        finally:
+            n2.signal(signal.SIGCONT)
+    finally:
+        with contextlib.suppress(Exception):
+            in_thread(f.close, META_TIMEOUT)
+    wait_until(lambda: usable(mount, "n2"), BACK_WITHIN, "n2 usable again")
+    whole = in_thread(lambda: path.read_bytes(), DATA_TIMEOUT * 3)
+    assert whole == block * 64
 
 
 # -- jobs belong to the node ---------------------------------------------------------------------
