@@ -955,6 +955,7 @@ class NinefsOps(pyfuse3.Operations):
                 self._drop_window(of, old)  # a handle keeps this window and the one before
             win = of.ahead[start] = Window(of.vnode.changes)
             self._windows += 1
+            fresh = True  # fetched for this read: as new as a plain read would be
             try:
                 win.data = await client.read(of.fid, start, span)
                 win.until = trio.current_time() + READAHEAD_TTL
@@ -968,14 +969,15 @@ class NinefsOps(pyfuse3.Operations):
             finally:
                 win.done.set()
         else:
+            fresh = not win.done.is_set()
             await win.done.wait()
             if win.error is not None:
                 raise win.error
             if win.data is None:
                 return None  # its fetch was cancelled (an interrupted read): ask again
         data = win.data
-        if off - start + size > len(data) and len(data) < span:
-            return None  # past where the file ended when fetched: the node says where now
+        if not fresh and off - start + size > len(data) and len(data) < span:
+            return None  # past where the file ended a while ago: the node says where now
         return memoryview(data)[off - start : off - start + size]
 
     def _drop_window(self, of: OpenFile, start: int) -> None:
