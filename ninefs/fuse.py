@@ -928,7 +928,7 @@ class NinefsOps(pyfuse3.Operations):
         return of, conn.client
 
     async def _read_ahead(
-        self, of: OpenFile, client: Client, off: int, size: int
+        self, of: OpenFile, client: Client, off: int, size: int, sequential: bool
     ) -> memoryview | None:
         """``size`` bytes at ``off`` from the window that holds them, fetching it (one
         Tread of READAHEAD for the reads the kernel has in flight at once, and the next).
@@ -941,7 +941,6 @@ class NinefsOps(pyfuse3.Operations):
         assert of.ahead is not None
         start = off - off % span
         now = trio.current_time()
-        sequential, of.read_end = off == of.read_end, off + size
         win = of.ahead.get(start)
         if win is not None and (
             win.changes != of.vnode.changes or (win.done.is_set() and win.until <= now)
@@ -959,11 +958,8 @@ class NinefsOps(pyfuse3.Operations):
             try:
                 win.data = await client.read(of.fid, start, span)
                 win.until = trio.current_time() + READAHEAD_TTL
-            except NineError as e:
-                win.error = e
-                self._drop_window(of, start)
-                raise
-            except BaseException:
+            except BaseException as e:
+                win.error = e if isinstance(e, NineError) else None  # else: waiters ask again
                 self._drop_window(of, start)
                 raise
             finally:
@@ -1003,12 +999,12 @@ class NinefsOps(pyfuse3.Operations):
         if not of.flags & m.OF_STREAM:
             if of.eof_at is not None and off >= of.eof_at:
                 return b""  # a snapshot that already came up short: the end, no round trip
-            if of.ahead is not None and size >= READAHEAD_FROM and not of.vnode.behind:
-                ahead = await self._read_ahead(of, client, off, size)
-                if ahead is not None:
-                    return ahead
             if of.ahead is not None:
-                of.read_end = off + size
+                sequential, of.read_end = off == of.read_end, off + size
+                if size >= READAHEAD_FROM and not of.vnode.behind:
+                    ahead = await self._read_ahead(of, client, off, size, sequential)
+                    if ahead is not None:
+                        return ahead
             want = min(size, client.iounit)
             data = await client.read(of.fid, off, want)
             if of.flags & m.OF_SYNTHETIC and len(data) < want:
