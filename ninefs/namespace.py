@@ -401,15 +401,32 @@ class Namespace:
             if words[0] == "restart":
                 if words[1:] != ["on-failure"]:
                     raise NineError("EINVAL", "usage: restart on-failure")
+                if job.started:
+                    raise NineError("EINVAL", "restart: the job has started already")
                 job.restart = True
                 continue
             if words[0] in ("exec", "run") and not job.started:
                 await self._ensure_placement(job)
-            await self._forward(job, line)
-            if words[0] in ("exec", "run"):
+            starting = words[0] in ("exec", "run")
+            try:
+                await self._forward(job, line)
+            except NineError as e:
+                if starting and e.ename not in ("EHOSTDOWN", "EIO", "ETIMEDOUT"):
+                    self._forget_if_plain(job)  # the node failed it for good (no such program)
+                raise
+            if starting:
                 job.started = True
-            if not job.started or words[0] in ("exec", "run"):
+            if not job.started or starting:
                 job.log.append(line)
+            if starting:
+                self._forget_if_plain(job)
+
+    def _forget_if_plain(self, job: ClusterJob) -> None:
+        """Once a job has been told to run, the mount keeps it only if it must: to restart
+        it, or because its id no longer says where it is (it was moved). Any other is found
+        from its id (``job``), so a mount that launches millions of jobs holds none of them."""
+        if not job.restart and job.id == f"{job.node}.{job.rid}":
+            self.jobs.pop(job.id, None)
 
     async def _forward(self, job: ClusterJob, line: str) -> None:
         client, _ = self.nodes[job.node].get()

@@ -580,3 +580,32 @@ async def test_finished_jobs_are_kept_only_keep_seconds(tmp_path: Path, identity
                 assert not (node.state / "jobs" / done).exists()
     finally:
         await trio.to_thread.run_sync(node.stop)
+
+
+async def test_the_mount_keeps_no_job_it_need_not(node: NodeProc, identity: Identity) -> None:
+    """A mount that launches jobs by the million must not hold each one: once told to run,
+    a job is found from its id (``n1.7``) and dropped from the mount's table, unless the
+    mount must restart it (`restart on-failure`)."""
+    from ninefs.namespace import Namespace
+
+    ns = Namespace(identity.key, identity.user, KnownNodes(identity.home / "known_nodes"))
+    with trio.fail_after(T):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ns.run)
+            conn = await ns.mount(node.addr, "n1")
+            assert await conn.wait_state(T) == "up"
+            ids = []
+            for _ in range(20):
+                job = await ns.clone()
+                await ns.job_ctl_write(job.id, "exec /bin/true")
+                ids.append(job.id)
+            keep = await ns.clone()
+            await ns.job_ctl_write(keep.id, "restart on-failure\nexec /bin/true")
+            assert set(ns.jobs) == {keep.id}, sorted(ns.jobs)
+            for jid in ids:  # each still found from its id alone
+                assert (await ns.job_ctl_read(jid)).startswith(f"{jid} ".encode())
+            # a restart asked for after the start would be lost with it: refused, not ignored
+            with pytest.raises(NineError) as late:
+                await ns.job_ctl_write(ids[0], "restart on-failure")
+            assert late.value.ename == "EINVAL" and "started" in late.value.message
+            nursery.cancel_scope.cancel()
