@@ -405,9 +405,9 @@ class Namespace:
                     raise NineError("EINVAL", "restart: the job has started already")
                 job.restart = True
                 continue
-            if words[0] in ("exec", "run") and not job.started:
-                await self._ensure_placement(job)
             starting = words[0] in ("exec", "run")
+            if starting and not job.started:
+                await self._ensure_placement(job)
             try:
                 await self._forward(job, line)
             except NineError as e:
@@ -416,10 +416,10 @@ class Namespace:
                 raise
             if starting:
                 job.started = True
-            if not job.started or starting:
                 job.log.append(line)
-            if starting:
                 self._forget_if_plain(job)
+            elif not job.started:
+                job.log.append(line)  # replayed if the job must be made again elsewhere
 
     def _forget_if_plain(self, job: ClusterJob) -> None:
         """Once a job has been told to run, the mount keeps it only if it must: to restart
